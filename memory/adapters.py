@@ -1,0 +1,298 @@
+"""Adapter residency in the pool: pin, unpin, LRU eviction, row tables, loading into pages.
+
+An adapter's rows (A: r × d_in, Bᵀ: r × d_out, DoRA g: 1 × d_out, SHiRA values and positions in
+rows of d_in + d_out) are packed into whole pages; kernels read them in place via `AdapterTables`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from loraplex.memory.host_cache import AdapterRecord
+from loraplex.memory.pool import OutOfPagesError, PagePool, PageUse
+from loraplex.model.adapters.canonical import AdapterWeights, LoraModule, ShiraModule
+from loraplex.model.config import TARGET_MODULES, ModelConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class AdapterTables:
+    """Row tables of the resident adapters, indexed `[layer, module, slot, ...]` on the device.
+
+    LoRA/DoRA slots: `a_rows`/`b_rows` hold flat element offsets of A's and Bᵀ's rows, `ranks`
+    the rank (0: module not adapted), `g_rows` DoRA's g row (-1: none). SHiRA slots reuse them:
+    `a_rows` value rows, `b_rows` position rows (int32 units), `ranks` the number of non-zeros.
+    """
+
+    a_rows: torch.Tensor  # [L, M, S, R] int64
+    b_rows: torch.Tensor  # [L, M, S, R] int64
+    ranks: torch.Tensor  # [L, M, S] int64
+    scales: torch.Tensor  # [L, M, S] fp32
+    g_rows: torch.Tensor  # [L, M, S] int64
+
+    @classmethod
+    def empty(cls, num_layers: int, num_slots: int, max_rank: int, device: torch.device):
+        shape = (num_layers, len(TARGET_MODULES), num_slots)
+        return cls(
+            a_rows=torch.zeros(*shape, max_rank, dtype=torch.int64, device=device),
+            b_rows=torch.zeros(*shape, max_rank, dtype=torch.int64, device=device),
+            ranks=torch.zeros(shape, dtype=torch.int64, device=device),
+            scales=torch.zeros(shape, dtype=torch.float32, device=device),
+            g_rows=torch.full(shape, -1, dtype=torch.int64, device=device),
+        )
+
+
+class _Packer:
+    """Places rows of given widths into whole pages, first fit in order (a dry run counts pages)."""
+
+    def __init__(self, page_numel: int, align: int):
+        self.page_numel, self.align = page_numel, align
+        self.num_pages, self.cursor = 0, page_numel
+
+    def place(self, num_rows: int, width: int) -> torch.Tensor:
+        """[num_rows] int64 local flat offsets (local page * page_numel + offset)."""
+        step = -(-width // self.align) * self.align
+        if step > self.page_numel:
+            raise ValueError(f"a row of {width} elements does not fit a page of {self.page_numel}")
+        parts = []
+        while num_rows > 0:
+            fit = (self.page_numel - self.cursor) // step
+            if fit == 0:
+                self.num_pages, self.cursor = self.num_pages + 1, 0
+                continue
+            k = min(fit, num_rows)
+            base = (self.num_pages - 1) * self.page_numel + self.cursor
+            parts.append(base + torch.arange(k, dtype=torch.int64) * step)
+            self.cursor += k * step
+            num_rows -= k
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
+
+
+@dataclass(slots=True)
+class _Placement:
+    """Where each module's rows go, in local offsets (mapped to pages at load)."""
+
+    num_pages: int
+    modules: list[tuple[int, int, object, torch.Tensor, torch.Tensor, torch.Tensor | None]]
+    """(layer, module index, module weights, first rows, second rows, g row or None)."""
+
+
+@dataclass(slots=True)
+class _Resident:
+    slot: int
+    pages: list[int]
+    num_pins: int = 0
+    last_used: int = 0
+    is_dropped: bool = False
+
+
+@dataclass(slots=True)
+class AdapterResidency:
+    """Which adapters are in the pool, in which slot and pages; evicts idle ones LRU."""
+
+    pool: PagePool
+    config: ModelConfig
+    max_rank: int
+    num_slots: int
+    tables: AdapterTables = field(init=False)
+    num_loads: int = 0
+    num_evictions: int = 0
+    _resident: dict[int, _Resident] = field(default_factory=dict)
+    _free_slots: list[int] = field(default_factory=list)
+    _clock: int = 0
+
+    def __post_init__(self) -> None:
+        device = self.pool.tensor.device
+        self.tables = AdapterTables.empty(
+            self.config.num_layers, self.num_slots, self.max_rank, device
+        )
+        self._free_slots = list(range(self.num_slots - 1, -1, -1))
+
+    # ---- queries -------------------------------------------------------------------------
+    def is_resident(self, record: AdapterRecord) -> bool:
+        return record.uid in self._resident
+
+    def slot_of(self, record: AdapterRecord) -> int:
+        return self._resident[record.uid].slot
+
+    @property
+    def num_resident(self) -> int:
+        return len(self._resident)
+
+    def num_evictable_pages(self) -> int:
+        return sum(len(r.pages) for r in self._resident.values() if r.num_pins == 0)
+
+    def can_acquire(self, record: AdapterRecord, extra_pages: int = 0) -> bool:
+        """Could `acquire` succeed (evicting idle adapters) with `extra_pages` left free after?"""
+        if record.uid in self._resident:
+            return self.pool.num_free_pages + self.num_evictable_pages() >= extra_pages
+        has_slot = self._free_slots or any(r.num_pins == 0 for r in self._resident.values())
+        free = self.pool.num_free_pages + self.num_evictable_pages()
+        return bool(has_slot) and free >= record.num_pages + extra_pages
+
+    def num_pages_for(self, weights: AdapterWeights) -> int:
+        return self._place(weights).num_pages
+
+    # ---- pin / unpin ---------------------------------------------------------------------
+    def acquire(self, record: AdapterRecord, weights: Callable[[], AdapterWeights]) -> int:
+        """Pin `record` in the pool (loading it if needed) and return its slot.
+
+        Raises OutOfPagesError, having changed nothing but evicting idle adapters, when even
+        that cannot make room.
+        """
+        self._clock += 1
+        entry = self._resident.get(record.uid)
+        if entry is None:
+            entry = self._load(record, weights())
+        entry.num_pins += 1
+        entry.last_used = self._clock
+        return entry.slot
+
+    def release(self, record: AdapterRecord) -> None:
+        entry = self._resident[record.uid]
+        assert entry.num_pins > 0, f"adapter {record.name} released more than acquired"
+        entry.num_pins -= 1
+        if entry.num_pins == 0 and entry.is_dropped:
+            self._evict(record.uid)
+
+    def drop(self, record: AdapterRecord) -> None:
+        """Forget a deleted or replaced version: evict now if idle, else at its last release."""
+        entry = self._resident.get(record.uid)
+        if entry is None:
+            return
+        if entry.num_pins == 0:
+            self._evict(record.uid)
+        else:
+            entry.is_dropped = True
+
+    def evict_idle(self, num_pages: int) -> int:
+        """Evict idle adapters, least recently used first, until `num_pages` are free."""
+        freed = 0
+        while self.pool.num_free_pages < num_pages:
+            idle = [(r.last_used, uid) for uid, r in self._resident.items() if r.num_pins == 0]
+            if not idle:
+                break
+            freed += self._evict(min(idle)[1])
+        return freed
+
+    # ---- internals -----------------------------------------------------------------------
+    def _evict(self, uid: int) -> int:
+        entry = self._resident.pop(uid)
+        t = self.tables
+        t.ranks[:, :, entry.slot] = 0
+        t.g_rows[:, :, entry.slot] = -1
+        self.pool.free(entry.pages)
+        self._free_slots.append(entry.slot)
+        self.num_evictions += 1
+        return len(entry.pages)
+
+    def _make_room(self, num_pages: int) -> None:
+        if not self._free_slots:
+            self._evict_one_idle()
+        self.evict_idle(num_pages)
+        if self.pool.num_free_pages < num_pages:
+            raise OutOfPagesError(
+                f"adapter needs {num_pages} pages; {self.pool.num_free_pages} free after evicting"
+            )
+
+    def _evict_one_idle(self) -> None:
+        idle = [(r.last_used, uid) for uid, r in self._resident.items() if r.num_pins == 0]
+        if not idle:
+            raise OutOfPagesError(f"all {self.num_slots} adapter slots are pinned")
+        self._evict(min(idle)[1])
+
+    def _load(self, record: AdapterRecord, weights: AdapterWeights) -> _Resident:
+        placement = self._place(weights)
+        self._make_room(placement.num_pages)
+        pages = self.pool.allocate(placement.num_pages, PageUse.ADAPTER)
+        slot = self._free_slots.pop()
+        page_ids = torch.tensor(pages, dtype=torch.int64)
+        numel = self.pool.page_numel
+
+        def to_global(local: torch.Tensor) -> torch.Tensor:
+            return page_ids[local // numel] * numel + local % numel
+
+        num_layers, num_modules = self.config.num_layers, len(TARGET_MODULES)
+        a_rows = torch.zeros(num_layers, num_modules, self.max_rank, dtype=torch.int64)
+        b_rows = torch.zeros_like(a_rows)
+        ranks = torch.zeros(num_layers, num_modules, dtype=torch.int64)
+        scales = torch.zeros(num_layers, num_modules, dtype=torch.float32)
+        g_rows = torch.full((num_layers, num_modules), -1, dtype=torch.int64)
+        for layer, m, module, first, second, g in placement.modules:
+            first, second = to_global(first), to_global(second)
+            g = None if g is None else to_global(g)
+            d_out, d_in = self.config.module_shape(TARGET_MODULES[m])
+            self._write_module(module, first, second, g, d_in, d_out)
+            n = first.numel()
+            if isinstance(module, ShiraModule):
+                b_rows[layer, m, :n] = second * self.pool.tensor.element_size() // 4
+                ranks[layer, m] = module.nnz
+            else:
+                b_rows[layer, m, :n] = second
+                ranks[layer, m] = module.rank
+                if g is not None:
+                    g_rows[layer, m] = g[0]
+            a_rows[layer, m, :n] = first
+            scales[layer, m] = module.scale
+        t, dev = self.tables, self.pool.tensor.device
+        t.a_rows[:, :, slot] = a_rows.to(dev)
+        t.b_rows[:, :, slot] = b_rows.to(dev)
+        t.ranks[:, :, slot] = ranks.to(dev)
+        t.scales[:, :, slot] = scales.to(dev)
+        t.g_rows[:, :, slot] = g_rows.to(dev)
+        entry = _Resident(slot=slot, pages=pages)
+        self._resident[record.uid] = entry
+        self.num_loads += 1
+        logger.debug("adapter %s v%d loaded: slot %d, %d pages", record.name, record.version,
+                     slot, len(pages))
+        return entry
+
+    def _place(self, weights: AdapterWeights) -> _Placement:
+        elsize = self.pool.tensor.element_size()
+        packer = _Packer(self.pool.page_numel, align=max(1, 4 // elsize))
+        modules = []
+        for (layer, name), module in sorted(weights.modules.items(),
+                                            key=lambda kv: (kv[0][0], TARGET_MODULES.index(kv[0][1]))):
+            d_out, d_in = self.config.module_shape(name)
+            m = TARGET_MODULES.index(name)
+            if isinstance(module, LoraModule):
+                first = packer.place(module.rank, d_in)
+                second = packer.place(module.rank, d_out)
+                g = None if module.row_scale is None else packer.place(1, d_out)
+            else:
+                width = d_in + d_out
+                num_rows = -(-module.nnz // width)
+                first = packer.place(num_rows, width)
+                second = packer.place(num_rows, width * 4 // elsize)
+                g = None
+            modules.append((layer, m, module, first, second, g))
+        return _Placement(num_pages=packer.num_pages, modules=modules)
+
+    def _write_module(self, module: object, first: torch.Tensor, second: torch.Tensor,
+                      g: torch.Tensor | None, d_in: int, d_out: int) -> None:
+        flat = self.pool.tensor.view(-1)
+
+        def put(dst_rows: torch.Tensor, rows: torch.Tensor, target: torch.Tensor) -> None:
+            width = rows.shape[1]
+            index = (dst_rows[:, None] + torch.arange(width)).view(-1).to(target.device)
+            target[index] = rows.reshape(-1).to(device=target.device, dtype=target.dtype)
+
+        if isinstance(module, LoraModule):
+            put(first, module.a, flat)
+            put(second, module.b_t, flat)
+            if g is not None:
+                put(g, module.row_scale.view(1, -1), flat)
+            return
+        assert isinstance(module, ShiraModule), f"unknown adapter module {type(module)}"
+        width, num_rows = d_in + d_out, first.numel()
+        values = torch.zeros(num_rows * width, dtype=torch.float32)
+        values[: module.nnz] = module.values.float()
+        put(first, values.view(num_rows, width), flat)
+        positions = torch.zeros(num_rows * width, dtype=torch.int32)
+        positions[: module.nnz] = (module.rows.long() * d_in + module.cols.long()).int()
+        put(second * flat.element_size() // 4, positions.view(num_rows, width), flat.view(torch.int32))

@@ -1,0 +1,61 @@
+"""KV pages: the layout of K/V inside a pool page and one sequence's page table."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from loraplex.memory.pool import PagePool, PageUse
+
+
+@dataclass(frozen=True, slots=True)
+class KVLayout:
+    """A KV page = `[num_layers, 2 (K, V), page_size, num_kv_heads, head_dim]` elements."""
+
+    num_layers: int
+    page_size: int
+    num_kv_heads: int
+    head_dim: int
+
+    @property
+    def page_numel(self) -> int:
+        return self.num_layers * 2 * self.page_size * self.num_kv_heads * self.head_dim
+
+    def num_pages_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.page_size)
+
+    def caches(self, pool: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer (k_cache, v_cache), each a strided view `[num_pages, page_size, H_kv, D]`."""
+        view = pool.view(
+            pool.shape[0], self.num_layers, 2, self.page_size, self.num_kv_heads, self.head_dim
+        )
+        return [(view[:, layer, 0], view[:, layer, 1]) for layer in range(self.num_layers)]
+
+
+@dataclass(slots=True)
+class PageTable:
+    """The pages holding one sequence's K/V, in token order."""
+
+    pages: list[int] = field(default_factory=list)
+
+    def num_missing_pages(self, layout: KVLayout, num_tokens: int) -> int:
+        """Pages still to allocate so that `num_tokens` tokens fit."""
+        return max(0, layout.num_pages_for(num_tokens) - len(self.pages))
+
+    def grow(self, pool: PagePool, layout: KVLayout, num_tokens: int) -> None:
+        """Allocate pages so that `num_tokens` fit; raises OutOfPagesError, allocating nothing."""
+        missing = self.num_missing_pages(layout, num_tokens)
+        if missing:
+            self.pages.extend(pool.allocate(missing, PageUse.KV))
+
+    def release(self, pool: PagePool) -> None:
+        pool.free(self.pages)
+        self.pages = []
+
+    def slots(self, layout: KVLayout, start: int, end: int) -> torch.Tensor:
+        """[end - start] int64 flat `page * page_size + offset`: where tokens' K/V are written."""
+        p = layout.page_size
+        index = torch.arange(start, end)
+        pages = torch.tensor(self.pages, dtype=torch.int64)
+        return pages[index // p] * p + index % p

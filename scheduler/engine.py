@@ -1,0 +1,323 @@
+"""Engine: the step loop (schedule → run → sample → update) and the offline API the server wraps.
+
+Single-threaded: every call happens on the engine's thread (the server's bridge ensures it).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from loraplex.memory.adapters import AdapterResidency
+from loraplex.memory.config import MemoryConfig
+from loraplex.memory.host_cache import AdapterRecord, HostCache
+from loraplex.memory.kv import KVLayout
+from loraplex.memory.pool import PagePool
+from loraplex.model.adapters.canonical import AdapterWeights
+from loraplex.model.adapters.peft import load_peft_adapter
+from loraplex.model.config import ModelConfig, parse_dtype
+from loraplex.model.models.llama import LlamaModel
+from loraplex.model.runner import ModelRunner
+from loraplex.model.sampler import Sampler, SamplingParams, make_generator
+from loraplex.model.tokenizer import IncrementalDetokenizer, StopChecker, Tokenizer
+from loraplex.model.weights import load_weights, resolve_model_dir
+from loraplex.scheduler.batch import StepOutput
+from loraplex.scheduler.config import SchedulerConfig
+from loraplex.scheduler.errors import (
+    AdapterNameError,
+    RequestError,
+    RequestTooLongError,
+    UnknownAdapterError,
+)
+from loraplex.scheduler.request import Request, RequestStatus, Sequence
+from loraplex.scheduler.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+_ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """What to serve and with how much memory."""
+
+    model: str | None = None
+    """Local HF directory or `.gguf` file; None serves the embedded demo model."""
+    dtype: str | None = None
+    """float32 / float16 / bfloat16; None: float32 on CPU, the checkpoint's dtype on CUDA."""
+    device: str = "auto"
+    """`auto`, `cpu` or `cuda`."""
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    load_tokenizer: bool = True
+    """False for token-id-only use (tiny test models ship no tokenizer)."""
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """One request's progress after a step (also the final result)."""
+
+    request_id: str
+    num_prompt_tokens: int
+    token_ids: list[int]
+    """All generated tokens so far."""
+    new_token_ids: list[int]
+    text: str = ""
+    new_text: str = ""
+    finished: bool = False
+    finish_reason: str | None = None
+    error: Exception | None = None
+    logprobs: list[dict] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _TextState:
+    detokenizer: IncrementalDetokenizer
+    stop: StopChecker | None
+    num_emitted_chars: int = 0
+
+
+class Engine:
+    """Many requests, each on its own adapter (or none), in one continuous batch."""
+
+    def __init__(self, config: EngineConfig = EngineConfig()):
+        self.config = config
+        device = config.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.model_dir = resolve_model_dir(config.model)
+        self.model_config = ModelConfig.from_dir(self.model_dir)
+        mc = self.model_config
+        if config.dtype is not None:
+            self.dtype = parse_dtype(config.dtype)
+        elif self.device.type == "cpu":
+            self.dtype = torch.float32
+        else:
+            self.dtype = parse_dtype(mc.torch_dtype or "bfloat16")
+        t0 = time.perf_counter()
+        self.model = LlamaModel(mc, load_weights(self.model_dir, self.dtype, self.device))
+        logger.info("loaded %s (%s) in %.1f s", self.model_dir, mc.model_type,
+                    time.perf_counter() - t0)
+        self.tokenizer = Tokenizer(self.model_dir) if config.load_tokenizer else None
+        eos = tuple(self.tokenizer.eos_token_ids) if self.tokenizer else mc.eos_token_ids
+        self.max_model_len = min(config.scheduler.max_model_len or mc.max_position_embeddings,
+                                 mc.max_position_embeddings)
+        self._init_memory(config.memory)
+        self.scheduler = Scheduler(config.scheduler, self.pool, self.kv_layout, self.residency,
+                                   self.host_cache.get, eos, self.max_model_len)
+        self.runner = ModelRunner(self.model, self.kv_layout)
+        self.sampler = Sampler()
+        self.adapters: dict[str, AdapterRecord] = {}
+        self._seqs: dict[str, Sequence] = {}
+        self._text: dict[int, _TextState] = {}
+        self._seq_ids = itertools.count()
+
+    def _init_memory(self, mem: MemoryConfig) -> None:
+        mc = self.model_config
+        self.kv_layout = KVLayout(mc.num_layers, mem.page_size, mc.num_kv_heads, mc.head_dim)
+        page_numel = self.kv_layout.page_numel
+        elsize = torch.finfo(self.dtype).bits // 8
+        widest = max(sum(mc.module_shape(m)) for m in ("q_proj", "gate_proj", "down_proj"))
+        if widest * max(1, 4 // elsize) > page_numel:
+            raise ValueError(f"page_size: {mem.page_size} makes pages of {page_numel} elements, "
+                             f"too small for adapter rows of {widest}; raise page_size")
+        num_pages = mem.num_pages or mem.pool_bytes // (page_numel * elsize)
+        self.pool = PagePool(num_pages, page_numel, self.dtype, self.device)
+        self.residency = AdapterResidency(self.pool, mc, mem.max_rank, mem.max_resident_adapters)
+        self.host_cache = HostCache(mem.host_cache_bytes, self._read_adapter)
+        logger.info("page pool: %d pages of %d tokens (%.1f MiB)", num_pages, mem.page_size,
+                    num_pages * page_numel * elsize / 2**20)
+
+    # ---- adapters ------------------------------------------------------------------------
+    def _read_adapter(self, record: AdapterRecord) -> AdapterWeights:
+        return load_peft_adapter(record.path, self.model_config,
+                                 max_rank=self.config.memory.max_rank,
+                                 base_weight=self.model.base_weight)
+
+    def add_adapter(self, name: str, path: str | Path) -> AdapterRecord:
+        """Validate and register (or hot-swap) an adapter; raises AdapterError, changing nothing."""
+        if not _ADAPTER_NAME.match(name or "") or name == self.model_name:
+            raise AdapterNameError(f"invalid adapter name {name!r}")
+        record = AdapterRecord(name=name, path=str(path), kind="", max_rank=0, num_bytes=0,
+                               num_pages=0, target_modules=())
+        weights = self._read_adapter(record)
+        record.kind, record.max_rank = weights.kind, weights.max_rank
+        record.num_bytes, record.target_modules = weights.num_bytes, weights.target_modules
+        record.num_pages = self.residency.num_pages_for(weights)
+        record.meta = dict(weights.meta)
+        if record.num_pages >= self.pool.num_pages:
+            raise RequestTooLongError(f"adapter {name} needs {record.num_pages} pages; "
+                                      f"the pool has {self.pool.num_pages}")
+        old = self.adapters.get(name)
+        if old is not None:
+            record.version = old.version + 1
+            self._forget(old)
+        self.host_cache.put(record, weights)
+        self.adapters[name] = record
+        logger.info("adapter %s v%d registered: %s rank %d, %d pages", name, record.version,
+                    record.kind, record.max_rank, record.num_pages)
+        return record
+
+    def remove_adapter(self, name: str) -> None:
+        """Running requests finish on it; later ones get UnknownAdapterError."""
+        record = self.adapters.pop(name, None)
+        if record is None:
+            raise UnknownAdapterError(f"adapter {name!r} not found")
+        self._forget(record)
+
+    def _forget(self, record: AdapterRecord) -> None:
+        self.residency.drop(record)
+        self.host_cache.drop(record)
+
+    @property
+    def model_name(self) -> str:
+        return self.model_dir.name
+
+    # ---- requests ------------------------------------------------------------------------
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    adapter: str | None = None, request_id: str | None = None,
+                    tenant: str = "") -> str:
+        params = params or SamplingParams()
+        request_id = request_id or f"req-{next(self._seq_ids)}"
+        if request_id in self._seqs:
+            raise RequestError(f"request id {request_id!r} is already in use")
+        prompt_ids = self._prompt_ids(prompt)
+        record = None
+        if adapter is not None and adapter != self.model_name:
+            record = self.adapters.get(adapter)
+            if record is None:
+                raise UnknownAdapterError(f"adapter {adapter!r} not found")
+        self._check_fits(len(prompt_ids), params, record)
+        request = Request(request_id, tuple(prompt_ids), params, record, tenant)
+        seq = Sequence(next(self._seq_ids), request, make_generator(params.seed, self.device))
+        self._seqs[request_id] = seq
+        if self.tokenizer is not None:
+            self._text[seq.seq_id] = _TextState(
+                IncrementalDetokenizer(self.tokenizer, prompt_ids),
+                StopChecker(list(params.stop)) if params.stop else None)
+        self.scheduler.add(seq)
+        return request_id
+
+    def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise RequestError("this engine has no tokenizer: send token ids")
+            prompt_ids = self.tokenizer.encode(prompt)
+        else:
+            prompt_ids = list(prompt)
+        if not prompt_ids:
+            raise RequestError("prompt is empty")
+        vocab = self.model_config.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_ids):
+            raise RequestError(f"prompt token ids must be integers in [0, {vocab})")
+        return prompt_ids
+
+    def _check_fits(self, num_prompt: int, params: SamplingParams,
+                    record: AdapterRecord | None) -> None:
+        total = num_prompt + params.max_tokens
+        if total > self.max_model_len:
+            raise RequestTooLongError(
+                f"prompt ({num_prompt} tokens) + max_tokens ({params.max_tokens}) = {total} "
+                f"exceeds the maximum context length {self.max_model_len}")
+        pages = self.kv_layout.num_pages_for(total) + (record.num_pages if record else 0)
+        if pages > self.pool.num_pages:
+            raise RequestTooLongError(
+                f"request needs {pages} pages of KV and adapter; the pool has "
+                f"{self.pool.num_pages}: lower max_tokens or the prompt")
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        seq = self._seqs.get(request_id)
+        if seq is None or seq.status.is_finished:
+            return None
+        self.scheduler.finish(seq, RequestStatus.ABORTED, "abort")
+        return self._output(seq, [], "")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- the step ------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one iteration; returns an output for every request that moved."""
+        batch = self.scheduler.schedule()
+        outputs = [self._output(s, [], "") for s in self.scheduler.failed]
+        self.scheduler.failed.clear()
+        if batch is None:
+            return outputs
+        logits = self.runner.run(batch)
+        by_id = {s.seq_id: s for s in self.scheduler.running}
+        seqs = [by_id[i] for i in batch.sample_seq_ids]
+        sample = self.sampler.sample(logits, [s.request.params for s in seqs],
+                                     [s.generator for s in seqs])
+        step = StepOutput(
+            token_ids=sample.token_ids.tolist(),
+            logprobs=None if sample.logprobs is None else sample.logprobs.tolist(),
+            top_logprobs=None if sample.top_ids is None else [
+                list(zip(ids, lps)) for ids, lps in
+                zip(sample.top_ids.tolist(), sample.top_logprobs.tolist())],
+        )
+        for seq in self.scheduler.update(batch, step):
+            outputs.append(self._advance_text(seq))
+        return outputs
+
+    def _advance_text(self, seq: Sequence) -> RequestOutput:
+        state = self._text.get(seq.seq_id)
+        new_ids = seq.output_ids[-1:]
+        if state is None:
+            return self._output(seq, new_ids, "")
+        state.detokenizer.push(seq.output_ids[-1])
+        text = state.detokenizer.text
+        if state.stop is not None:
+            at = state.stop.check(text, len(text) - state.num_emitted_chars)
+            if at is not None:
+                text = text[:at]
+                if not seq.status.is_finished:
+                    self.scheduler.finish(seq, RequestStatus.FINISHED, "stop")
+        # Hold back what could still become a stop string, unless the sequence is done.
+        end = len(text)
+        if state.stop is not None and not seq.status.is_finished:
+            end = max(state.num_emitted_chars, len(text) - state.stop.max_holdback)
+        new_text = text[state.num_emitted_chars:end]
+        state.num_emitted_chars = end
+        return self._output(seq, new_ids, new_text, text[:end])
+
+    def _output(self, seq: Sequence, new_ids: list[int], new_text: str,
+                text: str | None = None) -> RequestOutput:
+        finished = seq.status.is_finished
+        if finished:
+            self._seqs.pop(seq.request.request_id, None)
+            self._text.pop(seq.seq_id, None)
+        return RequestOutput(
+            request_id=seq.request.request_id,
+            num_prompt_tokens=len(seq.request.prompt_ids),
+            token_ids=list(seq.output_ids),
+            new_token_ids=new_ids,
+            text=text or "",
+            new_text=new_text,
+            finished=finished,
+            finish_reason=seq.finish_reason,
+            error=seq.error,
+            logprobs=list(seq.logprobs),
+        )
+
+    def generate(self, prompts: list[str | list[int]],
+                 params: SamplingParams | list[SamplingParams] | None = None,
+                 adapters: list[str | None] | None = None) -> list[RequestOutput]:
+        """Blocking: run every prompt to completion; results in the order given."""
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        adapters = adapters or [None] * len(prompts)
+        ids = [self.add_request(p, sp, a) for p, sp, a in zip(prompts, params_list, adapters)]
+        done: dict[str, RequestOutput] = {}
+        text: dict[str, str] = {i: "" for i in ids}
+        while self.has_unfinished():
+            for out in self.step():
+                text[out.request_id] += out.new_text
+                if out.finished:
+                    out.text = text[out.request_id]
+                    done[out.request_id] = out
+        return [done[i] for i in ids]

@@ -1,0 +1,19 @@
+"""Errors a request can meet in the engine; `server/errors.py` maps each to a status."""
+
+from __future__ import annotations
+
+
+class RequestError(ValueError):
+    """A request that can never be served as given (400)."""
+
+
+class RequestTooLongError(RequestError):
+    """Prompt + max_tokens exceed the model's context or the whole pool."""
+
+
+class UnknownAdapterError(LookupError):
+    """The request names no registered adapter (404)."""
+
+
+class AdapterNameError(ValueError):
+    """An adapter name that is empty, malformed or taken by the base model."""

@@ -1,0 +1,50 @@
+"""Shared fixtures: tiny random-weight models saved as HF folders, and engines over them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loraplex.memory.config import MemoryConfig
+from loraplex.scheduler.config import SchedulerConfig
+from loraplex.scheduler.engine import Engine, EngineConfig
+from tests.adapter_factory import make_hf_model, save_hf_model
+
+ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory):
+    """arch → (HF model in fp32, saved folder); built once per session."""
+    cache: dict[str, tuple[torch.nn.Module, object]] = {}
+
+    def get(arch: str):
+        if arch not in cache:
+            model = make_hf_model(arch, seed=0)
+            path = save_hf_model(model, tmp_path_factory.mktemp(f"model-{arch}"))
+            cache[arch] = (model, path)
+        return cache[arch]
+
+    return get
+
+
+def make_engine(model_dir, *, num_pages: int = 256, page_size: int = 16, max_rank: int = 64,
+                max_batched_tokens: int = 256, max_resident_adapters: int = 16,
+                max_num_seqs: int = 64) -> Engine:
+    """An fp32 CPU engine over a tiny model folder (no tokenizer)."""
+    return Engine(EngineConfig(
+        model=str(model_dir), dtype="float32", device="cpu", load_tokenizer=False,
+        memory=MemoryConfig(page_size=page_size, num_pages=num_pages, max_rank=max_rank,
+                            max_resident_adapters=max_resident_adapters),
+        scheduler=SchedulerConfig(max_num_batched_tokens=max_batched_tokens,
+                                  max_num_seqs=max_num_seqs),
+    ))
+
+
+def assert_pool_clean(engine: Engine) -> None:
+    """After every request has ended, no KV page is held and nothing is pinned."""
+    assert not engine.has_unfinished()
+    assert engine.pool.num_kv_pages == 0, engine.pool.usage()
+    assert engine.pool.num_kv_pages + engine.pool.num_adapter_pages + engine.pool.num_free_pages \
+        == engine.pool.num_pages
+    assert engine.residency.num_evictable_pages() == engine.pool.num_adapter_pages
