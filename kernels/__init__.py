@@ -1,0 +1,45 @@
+"""Every hot op twice (torch reference `*_ref`, Triton twin `*_triton`) behind one public name.
+
+Imports nothing of ours outside `kernels`.
+"""
+
+from loraplex.kernels.attention import (
+    paged_attention,
+    paged_attention_ref,
+    write_kv,
+    write_kv_ref,
+)
+from loraplex.kernels.dispatch import KernelArgumentError, use_triton
+from loraplex.kernels.dora import dora_scale, dora_scale_ref
+from loraplex.kernels.lora import (
+    lora_expand,
+    lora_expand_ref,
+    lora_expand_segments,
+    lora_expand_segments_ref,
+    lora_shrink,
+    lora_shrink_ref,
+    lora_shrink_segments,
+    lora_shrink_segments_ref,
+)
+from loraplex.kernels.shira import shira_gather, shira_gather_ref
+
+__all__ = [
+    "KernelArgumentError",
+    "dora_scale",
+    "dora_scale_ref",
+    "lora_expand",
+    "lora_expand_ref",
+    "lora_expand_segments",
+    "lora_expand_segments_ref",
+    "lora_shrink",
+    "lora_shrink_ref",
+    "lora_shrink_segments",
+    "lora_shrink_segments_ref",
+    "paged_attention",
+    "paged_attention_ref",
+    "shira_gather",
+    "shira_gather_ref",
+    "use_triton",
+    "write_kv",
+    "write_kv_ref",
+]

@@ -1,0 +1,69 @@
+"""Chooses between each op's torch reference and its Triton twin, and checks kernel arguments.
+
+Owns `use_triton`, `pick` and `KernelArgumentError`. Imports nothing of ours.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from collections.abc import Callable
+from functools import lru_cache
+
+import torch
+
+KERNELS_ENV = "LORAPLEX_KERNELS"
+"""`ref` forces the torch references everywhere; anything else lets CUDA use Triton."""
+
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+class KernelArgumentError(ValueError):
+    """A kernel got tensors of the wrong shape, dtype or device (a bug in the caller)."""
+
+
+@lru_cache(maxsize=1)
+def has_triton() -> bool:
+    """True when the `triton` package can be imported (probed once, without importing it)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def use_triton(device: torch.device | str) -> bool:
+    """True only on CUDA, with triton importable, unless `LORAPLEX_KERNELS=ref`."""
+    if os.environ.get(KERNELS_ENV, "") == "ref":
+        return False
+    return torch.device(device).type == "cuda" and has_triton()
+
+
+def pick(ref: Callable, device: torch.device | str) -> Callable:
+    """`ref`'s `*_triton` twin (same module) when `use_triton(device)` and it exists, else `ref`."""
+    if use_triton(device):
+        stem = ref.__name__.removesuffix("_ref")
+        twin = getattr(sys.modules[ref.__module__], f"{stem}_triton", None)
+        if twin is not None:
+            return twin
+    return ref
+
+
+def check(condition: bool, message: str) -> None:
+    """Raise `KernelArgumentError(message)` unless `condition` (kept under `python -O`)."""
+    if not condition:
+        raise KernelArgumentError(message)
+
+
+def check_tensor(name: str, t: torch.Tensor, ndim: int,
+                 dtypes: tuple[torch.dtype, ...] | torch.dtype | None = None) -> None:
+    """`t` has `ndim` dimensions and one of `dtypes` (None: any)."""
+    check(isinstance(t, torch.Tensor), f"{name}: expected a tensor, got {type(t).__name__}")
+    check(t.dim() == ndim, f"{name}: expected {ndim}-D, got shape {tuple(t.shape)}")
+    if isinstance(dtypes, torch.dtype):
+        dtypes = (dtypes,)
+    if dtypes is not None:
+        check(t.dtype in dtypes, f"{name}: dtype {t.dtype} not in {dtypes}")
+
+
+def check_same_device(**tensors: torch.Tensor) -> None:
+    """All tensors live on one device."""
+    devices = {name: t.device for name, t in tensors.items()}
+    check(len(set(devices.values())) <= 1, f"tensors on different devices: {devices}")

@@ -1,0 +1,238 @@
+"""Heterogeneous-rank LoRA shrink/expand reading A and Bᵀ rows in place from the page pool.
+
+Decode form (one adapter slot per token) and prefill form (segments of tokens per slot); torch
+references plus the public entry points. Imports only `kernels.dispatch`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from loraplex.kernels.dispatch import INDEX_DTYPES, check, check_same_device, check_tensor, pick
+
+
+class TokenGroups(NamedTuple):
+    """Tokens that have an adapter, bucketed by slot into `num_chunks` padded chunks of `width`.
+
+    A slot with many tokens is split over several chunks of at most `width` tokens, so that a
+    skewed batch pads to at most ~4 × its token count (Punica's `skewed` case).
+    """
+
+    tokens: torch.Tensor  # [V] int64 index of each token that has an adapter
+    chunk: torch.Tensor  # [V] int64 chunk of each of those tokens
+    pos: torch.Tensor  # [V] int64 its position inside the chunk
+    chunk_slots: torch.Tensor  # [num_chunks] int64 slot of each chunk
+    width: int  # tokens per chunk, padded
+
+    def pad(self, t: torch.Tensor) -> torch.Tensor:
+        """[T, *rest] → [num_chunks, width, *rest], zeros where a chunk has fewer tokens."""
+        buf = t.new_zeros((self.chunk_slots.shape[0] * self.width, *t.shape[1:]))
+        buf[self.chunk * self.width + self.pos] = t[self.tokens]
+        return buf.view(self.chunk_slots.shape[0], self.width, *t.shape[1:])
+
+    def unpad(self, t: torch.Tensor) -> torch.Tensor:
+        """[num_chunks, width, *rest] → [V, *rest] in the order of `tokens`."""
+        return t.flatten(0, 1)[self.chunk * self.width + self.pos]
+
+
+def group_tokens(token_slots: torch.Tensor) -> TokenGroups | None:
+    """Bucket the tokens with `token_slots >= 0` by slot; None when no token has one."""
+    tokens = torch.nonzero(token_slots >= 0).squeeze(1)  # [V]
+    num_valid = tokens.shape[0]
+    if num_valid == 0:
+        return None
+    slots, group, counts = torch.unique(token_slots[tokens].long(), return_inverse=True,
+                                        return_counts=True)  # [G], [V], [G]
+    order = torch.argsort(group, stable=True)
+    starts = torch.cumsum(counts, 0) - counts
+    pos = torch.empty_like(group)
+    pos[order] = torch.arange(num_valid, device=group.device) - starts[group[order]]
+    width = -(-num_valid // slots.shape[0])  # mean tokens per slot, rounded up
+    chunks_per_slot = -(-counts // width)  # [G]
+    first_chunk = torch.cumsum(chunks_per_slot, 0) - chunks_per_slot
+    return TokenGroups(
+        tokens=tokens,
+        chunk=first_chunk[group] + pos // width,
+        pos=pos % width,
+        chunk_slots=torch.repeat_interleave(slots, chunks_per_slot),
+        width=width,
+    )
+
+
+def gather_rows(pool_flat: torch.Tensor, rows: torch.Tensor, ranks: torch.Tensor,
+                row_len: int) -> torch.Tensor:
+    """fp32 copy of rows `pool_flat[rows[u, i] : + row_len]`, zero where `i >= ranks[u]`.
+
+    rows: [U, R] int64 flat offsets (garbage beyond the rank); ranks: [U] → [U, R, row_len].
+    Only live rows are read: a masked row may point anywhere, even at NaNs of a KV page.
+    """
+    keep = torch.arange(rows.shape[1], device=rows.device) < ranks[:, None]  # [U, R]
+    live = torch.nonzero(keep.flatten()).squeeze(1)  # [sum of ranks]
+    out = torch.zeros(rows.numel(), row_len, dtype=torch.float32, device=rows.device)
+    windows = pool_flat.unfold(0, row_len, 1)  # [numel - row_len + 1, row_len], a view
+    # index_select on the window view copies each row once (much faster than windows[offsets]).
+    out.index_copy_(0, live, windows.index_select(0, rows.flatten()[live]).float())
+    return out.view(*rows.shape, row_len)
+
+
+def segments_to_token_slots(seg_starts: torch.Tensor, seg_slots: torch.Tensor,
+                            num_tokens: int) -> torch.Tensor:
+    """[G+1] boundaries, [G] slots → [num_tokens] int64 slot per token (-1 outside segments)."""
+    lengths = seg_starts[1:] - seg_starts[:-1]  # [G]
+    token_slots = torch.full((num_tokens,), -1, dtype=torch.int64, device=seg_slots.device)
+    if seg_slots.shape[0] > 0:
+        first, last = int(seg_starts[0]), int(seg_starts[-1])
+        token_slots[first:last] = torch.repeat_interleave(seg_slots.long(), lengths,
+                                                          output_size=last - first)
+    return token_slots
+
+
+def lora_shrink_ref(x: torch.Tensor, pool_flat: torch.Tensor, a_rows: torch.Tensor,
+                    ranks: torch.Tensor, token_slots: torch.Tensor) -> torch.Tensor:
+    """Semantics:  h = zeros(T, R); for each token t with s = token_slots[t] >= 0:
+                    A = stack([pool_flat[a_rows[s, i] : + d_in] for i < ranks[s]])
+                    h[t, :ranks[s]] = A.float() @ x[t].float()
+    x: [T, d_in] pool dtype; pool_flat: [numel] pool dtype; a_rows: [S, R] int64;
+    ranks: [S] int32/int64; token_slots: [T] int64 (-1: no adapter) → h: [T, R] float32 (new).
+    """
+    d_in = x.shape[1]
+    h = torch.zeros((x.shape[0], a_rows.shape[1]), dtype=torch.float32, device=x.device)
+    groups = group_tokens(token_slots)
+    if groups is None:
+        return h
+    slots = groups.chunk_slots
+    a = gather_rows(pool_flat, a_rows[slots], ranks[slots], d_in)  # [N, R, d_in]
+    h_pad = torch.bmm(groups.pad(x.float()), a.transpose(1, 2))  # [N, width, R]
+    h[groups.tokens] = groups.unpad(h_pad)
+    return h
+
+
+def lora_expand_ref(h: torch.Tensor, pool_flat: torch.Tensor, b_rows: torch.Tensor,
+                    ranks: torch.Tensor, scales: torch.Tensor, token_slots: torch.Tensor,
+                    out: torch.Tensor) -> None:
+    """Semantics:  for each token t with s = token_slots[t] >= 0:
+                    Bt = stack([pool_flat[b_rows[s, i] : + d_out] for i < ranks[s]])
+                    out[t] += scales[s] * h[t, :ranks[s]] @ Bt.float()
+    h: [T, R] float32; pool_flat: [numel] pool dtype; b_rows: [S, R] int64;
+    ranks: [S] int32/int64; scales: [S] float32; token_slots: [T] int64;
+    out: [T, d_out] pool dtype, written in place (may be a column slice of a wider tensor).
+    """
+    d_out = out.shape[1]
+    groups = group_tokens(token_slots)
+    if groups is None:
+        return
+    slots = groups.chunk_slots
+    bt = gather_rows(pool_flat, b_rows[slots], ranks[slots], d_out)  # [N, R, d_out]
+    keep = torch.arange(h.shape[1], device=h.device) < ranks[slots][:, None]  # [N, R]
+    h_pad = torch.where(keep[:, None, :], groups.pad(h.float()), 0.0)  # [N, width, R]
+    h_pad = h_pad * scales[slots].float()[:, None, None]  # scale the small operand
+    y = groups.unpad(torch.bmm(h_pad, bt))  # [V, d_out]
+    rows = groups.tokens
+    out[rows] = (out[rows].float() + y).to(out.dtype)
+
+
+def lora_shrink_segments_ref(x: torch.Tensor, pool_flat: torch.Tensor, a_rows: torch.Tensor,
+                             ranks: torch.Tensor, seg_starts: torch.Tensor,
+                             seg_slots: torch.Tensor) -> torch.Tensor:
+    """Semantics:  for each segment g and token t in seg_starts[g] : seg_starts[g+1]:
+                    h[t] = lora_shrink_ref(...) row of t with token_slots[t] = seg_slots[g]
+                    (tokens outside every segment, or of a segment with slot -1: zeros)
+    x: [T, d_in]; a_rows: [S, R] int64; ranks: [S]; seg_starts: [G+1] int64 (non-decreasing,
+    empty segments allowed); seg_slots: [G] int64 → h: [T, R] float32 (new).
+    """
+    token_slots = segments_to_token_slots(seg_starts, seg_slots, x.shape[0])
+    return lora_shrink_ref(x, pool_flat, a_rows, ranks, token_slots)
+
+
+def lora_expand_segments_ref(h: torch.Tensor, pool_flat: torch.Tensor, b_rows: torch.Tensor,
+                             ranks: torch.Tensor, scales: torch.Tensor, seg_starts: torch.Tensor,
+                             seg_slots: torch.Tensor, out: torch.Tensor) -> None:
+    """Semantics:  for each segment g and token t in seg_starts[g] : seg_starts[g+1]
+                    with s = seg_slots[g] >= 0:
+                    out[t] += scales[s] * h[t, :ranks[s]] @ Bt(s).float()
+    h: [T, R] float32; b_rows: [S, R] int64; ranks: [S]; scales: [S] float32;
+    seg_starts: [G+1] int64; seg_slots: [G] int64; out: [T, d_out], written in place.
+    """
+    token_slots = segments_to_token_slots(seg_starts, seg_slots, out.shape[0])
+    lora_expand_ref(h, pool_flat, b_rows, ranks, scales, token_slots, out)
+
+
+def _check_tables(pool_flat: torch.Tensor, rows: torch.Tensor, ranks: torch.Tensor) -> None:
+    check_tensor("pool_flat", pool_flat, 1)
+    check_tensor("rows", rows, 2, torch.int64)
+    check_tensor("ranks", ranks, 1, INDEX_DTYPES)
+    check(ranks.shape[0] == rows.shape[0],
+          f"ranks {tuple(ranks.shape)} and row table {tuple(rows.shape)} disagree on slots")
+
+
+def _check_segments(seg_starts: torch.Tensor, seg_slots: torch.Tensor, num_tokens: int) -> None:
+    check_tensor("seg_starts", seg_starts, 1, INDEX_DTYPES)
+    check_tensor("seg_slots", seg_slots, 1, INDEX_DTYPES)
+    check(seg_starts.shape[0] == seg_slots.shape[0] + 1,
+          f"seg_starts {tuple(seg_starts.shape)} must have one more entry than seg_slots")
+    check(seg_slots.shape[0] == 0 or int(seg_starts[-1]) <= num_tokens,
+          f"segments end past the {num_tokens} tokens")
+
+
+def lora_shrink(x: torch.Tensor, pool_flat: torch.Tensor, a_rows: torch.Tensor,
+                ranks: torch.Tensor, token_slots: torch.Tensor) -> torch.Tensor:
+    """Checked entry point of `lora_shrink_ref` (same semantics; Triton on CUDA when present)."""
+    check_tensor("x", x, 2, pool_flat.dtype)
+    _check_tables(pool_flat, a_rows, ranks)
+    check_tensor("token_slots", token_slots, 1, INDEX_DTYPES)
+    check(token_slots.shape[0] == x.shape[0], "token_slots and x disagree on tokens")
+    check_same_device(x=x, pool_flat=pool_flat, a_rows=a_rows, token_slots=token_slots)
+    if x.shape[0] == 0 or a_rows.shape[1] == 0:
+        return torch.zeros((x.shape[0], a_rows.shape[1]), dtype=torch.float32, device=x.device)
+    return pick(lora_shrink_ref, x.device)(x, pool_flat, a_rows, ranks, token_slots)
+
+
+def _check_expand(h: torch.Tensor, pool_flat: torch.Tensor, b_rows: torch.Tensor,
+                  ranks: torch.Tensor, scales: torch.Tensor, out: torch.Tensor) -> None:
+    check_tensor("h", h, 2, torch.float32)
+    _check_tables(pool_flat, b_rows, ranks)
+    check_tensor("scales", scales, 1, torch.float32)
+    check_tensor("out", out, 2, pool_flat.dtype)
+    check(h.shape == (out.shape[0], b_rows.shape[1]),
+          f"h {tuple(h.shape)} must be [out tokens {out.shape[0]}, max_rank {b_rows.shape[1]}]")
+    check(scales.shape[0] == b_rows.shape[0], "scales and row table disagree on slots")
+    check_same_device(h=h, pool_flat=pool_flat, b_rows=b_rows, out=out)
+
+
+def lora_expand(h: torch.Tensor, pool_flat: torch.Tensor, b_rows: torch.Tensor,
+                ranks: torch.Tensor, scales: torch.Tensor, token_slots: torch.Tensor,
+                out: torch.Tensor) -> None:
+    """Checked entry point of `lora_expand_ref` (same semantics; `out` written in place)."""
+    _check_expand(h, pool_flat, b_rows, ranks, scales, out)
+    check_tensor("token_slots", token_slots, 1, INDEX_DTYPES)
+    check(token_slots.shape[0] == out.shape[0], "token_slots and out disagree on tokens")
+    if out.shape[0] == 0 or b_rows.shape[1] == 0 or out.shape[1] == 0:
+        return
+    pick(lora_expand_ref, out.device)(h, pool_flat, b_rows, ranks, scales, token_slots, out)
+
+
+def lora_shrink_segments(x: torch.Tensor, pool_flat: torch.Tensor, a_rows: torch.Tensor,
+                         ranks: torch.Tensor, seg_starts: torch.Tensor,
+                         seg_slots: torch.Tensor) -> torch.Tensor:
+    """Checked entry point of `lora_shrink_segments_ref` (prefill form)."""
+    check_tensor("x", x, 2, pool_flat.dtype)
+    _check_tables(pool_flat, a_rows, ranks)
+    _check_segments(seg_starts, seg_slots, x.shape[0])
+    if x.shape[0] == 0 or a_rows.shape[1] == 0 or seg_slots.shape[0] == 0:
+        return torch.zeros((x.shape[0], a_rows.shape[1]), dtype=torch.float32, device=x.device)
+    ref = lora_shrink_segments_ref
+    return pick(ref, x.device)(x, pool_flat, a_rows, ranks, seg_starts, seg_slots)
+
+
+def lora_expand_segments(h: torch.Tensor, pool_flat: torch.Tensor, b_rows: torch.Tensor,
+                         ranks: torch.Tensor, scales: torch.Tensor, seg_starts: torch.Tensor,
+                         seg_slots: torch.Tensor, out: torch.Tensor) -> None:
+    """Checked entry point of `lora_expand_segments_ref` (prefill form; `out` in place)."""
+    _check_expand(h, pool_flat, b_rows, ranks, scales, out)
+    _check_segments(seg_starts, seg_slots, out.shape[0])
+    if out.shape[0] == 0 or b_rows.shape[1] == 0 or out.shape[1] == 0 or seg_slots.shape[0] == 0:
+        return
+    ref = lora_expand_segments_ref
+    pick(ref, out.device)(h, pool_flat, b_rows, ranks, scales, seg_starts, seg_slots, out)

@@ -1,0 +1,45 @@
+"""Dispatch between references and Triton twins."""
+
+from __future__ import annotations
+
+import pytest
+
+from loraplex.kernels import dispatch
+from loraplex.kernels.lora import lora_shrink_ref
+
+
+def test_cpu_always_uses_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(dispatch.KERNELS_ENV, raising=False)
+    assert dispatch.use_triton("cpu") is False
+    assert dispatch.pick(lora_shrink_ref, "cpu") is lora_shrink_ref
+
+
+def test_cuda_uses_triton_only_when_importable_and_not_forced_off(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dispatch, "has_triton", lambda: True)
+    monkeypatch.delenv(dispatch.KERNELS_ENV, raising=False)
+    assert dispatch.use_triton("cuda") is True
+    monkeypatch.setenv(dispatch.KERNELS_ENV, "ref")
+    assert dispatch.use_triton("cuda:0") is False
+    monkeypatch.delenv(dispatch.KERNELS_ENV)
+    monkeypatch.setattr(dispatch, "has_triton", lambda: False)
+    assert dispatch.use_triton("cuda") is False
+
+
+def test_pick_falls_back_to_the_reference_without_a_twin(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dispatch, "has_triton", lambda: True)
+    monkeypatch.delenv(dispatch.KERNELS_ENV, raising=False)
+    assert dispatch.pick(lora_shrink_ref, "cuda") is lora_shrink_ref
+
+
+def test_pick_finds_the_triton_twin(monkeypatch: pytest.MonkeyPatch) -> None:
+    from loraplex.kernels import lora
+
+    def lora_shrink_triton() -> None:
+        """Stand-in twin: dispatch only looks it up by name."""
+
+    monkeypatch.setattr(dispatch, "has_triton", lambda: True)
+    monkeypatch.delenv(dispatch.KERNELS_ENV, raising=False)
+    monkeypatch.setattr(lora, "lora_shrink_triton", lora_shrink_triton, raising=False)
+    assert dispatch.pick(lora_shrink_ref, "cuda") is lora_shrink_triton
+    assert dispatch.pick(lora_shrink_ref, "cpu") is lora_shrink_ref
