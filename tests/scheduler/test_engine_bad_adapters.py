@@ -50,7 +50,7 @@ def _first_key(tensors: dict, part: str) -> str:
 def _rename_to_lm_head(t: dict) -> dict:
     t = dict(t)
     for part in ("lora_A", "lora_B"):
-        key = _first_key(t, part)
+        key = _first_key(t, f"model.layers.0.self_attn.q_proj.{part}")
         t[key.replace("model.layers.0.self_attn.q_proj", "lm_head")] = t.pop(key)
     return t
 

@@ -28,6 +28,7 @@ SPECS = {
                                                                       "v_proj", "o_proj"), seed=28),
 }
 MAX_TOKENS = 8
+LONG = 48
 
 
 @pytest.fixture(scope="module")
@@ -41,19 +42,21 @@ def adapter_dirs(tiny_model_dir, tmp_path_factory):
 def expected(tiny_model_dir, adapter_dirs):
     """(adapter or None, prompt) → greedy tokens from PeftModel.generate, one request alone."""
     base, _ = tiny_model_dir(ARCH)
+    # The engine runs with ignore_eos, which (unlike min_new_tokens) leaves EOS selectable:
+    # give the oracle no EOS at all, so it neither stops nor suppresses it.
     models = {None: copy.deepcopy(base).eval()}
     for name, path in adapter_dirs.items():
         models[name] = PeftModel.from_pretrained(copy.deepcopy(base), str(path)).eval()
     cache: dict = {}
 
-    def get(adapter: str | None, prompt_ids: list[int]) -> list[int]:
-        key = (adapter, tuple(prompt_ids))
+    def get(adapter: str | None, prompt_ids: list[int], n: int = MAX_TOKENS) -> list[int]:
+        key = (adapter, tuple(prompt_ids), n)
         if key not in cache:
             with torch.no_grad():
                 out = models[adapter].generate(
                     input_ids=torch.tensor([prompt_ids]), attention_mask=torch.ones(
                         1, len(prompt_ids), dtype=torch.long),
-                    max_new_tokens=MAX_TOKENS, min_new_tokens=MAX_TOKENS, do_sample=False,
+                    max_new_tokens=n, do_sample=False, eos_token_id=None,
                     pad_token_id=0)
             cache[key] = out[0, len(prompt_ids):].tolist()
         return cache[key]
@@ -113,13 +116,15 @@ def test_late_joiners_get_the_tokens_they_get_alone(tiny_model_dir, adapter_dirs
 
 
 def test_small_pool_preempts_evicts_and_still_matches(tiny_model_dir, adapter_dirs, expected):
-    # 100 pages of 16 tokens: the rank-64 adapter alone takes 64 of them.
-    engine = make_engine(tiny_model_dir(ARCH)[1], num_pages=100, max_resident_adapters=4)
+    # 80 pages of 16 tokens: the rank-64 adapter alone takes 64 of them, and the 16 requests'
+    # K/V would take about 70.
+    engine = make_engine(tiny_model_dir(ARCH)[1], num_pages=80, max_resident_adapters=4)
     register(engine, adapter_dirs)
+    # Long generations: decode keeps growing K/V after admission until the pool runs dry.
     requests = workload(16)
-    outs = engine.generate([p for p, _ in requests], greedy(), [a for _, a in requests])
+    outs = engine.generate([p for p, _ in requests], greedy(LONG), [a for _, a in requests])
     for (p, a), out in zip(requests, outs):
-        assert out.token_ids == expected(a, p)
+        assert out.token_ids == expected(a, p, LONG)
     assert engine.scheduler.num_preemptions > 0
     assert engine.residency.num_evictions > 0
     assert engine.residency.num_loads > len(SPECS)  # some adapter came back after eviction
