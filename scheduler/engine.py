@@ -37,6 +37,7 @@ from loraplex.scheduler.errors import (
 )
 from loraplex.scheduler.request import Request, RequestStatus, Sequence
 from loraplex.scheduler.scheduler import Scheduler
+from loraplex.scheduler.stats import AdapterLoad, EngineStats
 
 logger = logging.getLogger(__name__)
 _ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
@@ -110,7 +111,8 @@ class Engine:
                                  mc.max_position_embeddings)
         self._init_memory(config.memory)
         self.scheduler = Scheduler(config.scheduler, self.pool, self.kv_layout, self.residency,
-                                   self.host_cache.get, eos, self.max_model_len)
+                                   self._fetch_adapter, eos, self.max_model_len)
+        self._adapter_loads: list[AdapterLoad] = []
         self.runner = ModelRunner(self.model, self.kv_layout)
         self.sampler = Sampler()
         self.adapters: dict[str, AdapterRecord] = {}
@@ -139,6 +141,14 @@ class Engine:
         return load_peft_adapter(record.path, self.model_config,
                                  max_rank=self.config.memory.max_rank,
                                  base_weight=self.model.base_weight)
+
+    def _fetch_adapter(self, record: AdapterRecord) -> AdapterWeights:
+        """The residency's loader: host cache first, disk on a miss (timed for metrics)."""
+        source = "host" if record in self.host_cache else "disk"
+        t0 = time.perf_counter()
+        weights = self.host_cache.get(record)
+        self._adapter_loads.append(AdapterLoad(record.name, source, time.perf_counter() - t0))
+        return weights
 
     def add_adapter(self, name: str, path: str | Path) -> AdapterRecord:
         """Validate and register (or hot-swap) an adapter; raises AdapterError, changing nothing."""
@@ -240,6 +250,29 @@ class Engine:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    def stats(self) -> EngineStats:
+        """A snapshot for metrics; adapter loads are handed out once."""
+        running: dict[str, int] = {}
+        for seq in self.scheduler.running:
+            if seq.request.adapter is not None:
+                name = seq.request.adapter.name
+                running[name] = running.get(name, 0) + 1
+        waiting = {s.request.adapter.name for s in self.scheduler.waiting if s.request.adapter}
+        loads, self._adapter_loads = tuple(self._adapter_loads), []
+        pool, hc, res = self.pool, self.host_cache, self.residency
+        return EngineStats(
+            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            num_pages=pool.num_pages, num_kv_pages=pool.num_kv_pages,
+            num_adapter_pages=pool.num_adapter_pages, num_free_pages=pool.num_free_pages,
+            running_per_adapter=running, waiting_adapters=tuple(sorted(waiting)),
+            max_resident_adapters=res.num_slots, num_resident_adapters=res.num_resident,
+            num_registered_adapters=len(self.adapters),
+            num_preemptions=self.scheduler.num_preemptions,
+            host_cache_hits=hc.num_hits, host_cache_misses=hc.num_misses,
+            host_cache_evictions=hc.num_evictions, host_cache_bytes=hc.num_bytes,
+            device_adapter_loads=res.num_loads, device_adapter_evictions=res.num_evictions,
+            adapter_loads=loads)
 
     # ---- the step ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
