@@ -76,6 +76,14 @@ class RequestOutput:
     logprobs: list[dict] = field(default_factory=list)
 
 
+@dataclass(frozen=True, slots=True)
+class PreparedAdapter:
+    """An adapter read and validated off the engine thread, ready for `install_adapter`."""
+
+    record: AdapterRecord
+    weights: AdapterWeights
+
+
 @dataclass(slots=True)
 class _TextState:
     detokenizer: IncrementalDetokenizer
@@ -150,8 +158,11 @@ class Engine:
         self._adapter_loads.append(AdapterLoad(record.name, source, time.perf_counter() - t0))
         return weights
 
-    def add_adapter(self, name: str, path: str | Path) -> AdapterRecord:
-        """Validate and register (or hot-swap) an adapter; raises AdapterError, changing nothing."""
+    def prepare_adapter(self, name: str, path: str | Path) -> PreparedAdapter:
+        """Read and validate an adapter without touching the engine (safe on any thread).
+
+        Raises an `AdapterError` naming the problem, or `AdapterNameError`.
+        """
         if not _ADAPTER_NAME.match(name or "") or name == self.model_name:
             raise AdapterNameError(f"invalid adapter name {name!r}")
         record = AdapterRecord(name=name, path=str(path), kind="", max_rank=0, num_bytes=0,
@@ -164,15 +175,43 @@ class Engine:
         if record.num_pages >= self.pool.num_pages:
             raise RequestTooLongError(f"adapter {name} needs {record.num_pages} pages; "
                                       f"the pool has {self.pool.num_pages}")
-        old = self.adapters.get(name)
+        return PreparedAdapter(record, weights)
+
+    def install_adapter(self, prepared: PreparedAdapter) -> AdapterRecord:
+        """Register (or hot-swap) a prepared adapter: later requests get this version."""
+        record, weights = prepared.record, prepared.weights
+        old = self.adapters.get(record.name)
         if old is not None:
             record.version = old.version + 1
             self._forget(old)
         self.host_cache.put(record, weights)
-        self.adapters[name] = record
-        logger.info("adapter %s v%d registered: %s rank %d, %d pages", name, record.version,
-                    record.kind, record.max_rank, record.num_pages)
+        self.adapters[record.name] = record
+        logger.info("adapter %s v%d registered: %s rank %d, %d pages", record.name,
+                    record.version, record.kind, record.max_rank, record.num_pages)
         return record
+
+    def add_adapter(self, name: str, path: str | Path) -> AdapterRecord:
+        """Validate and register (or hot-swap) an adapter; raises AdapterError, changing nothing."""
+        return self.install_adapter(self.prepare_adapter(name, path))
+
+    def adapter_location(self, name: str) -> tuple[str, int]:
+        """(where the current version is: `device`, `host` or `disk`; requests running on it)."""
+        record = self.adapters.get(name)
+        if record is None:
+            raise UnknownAdapterError(f"adapter {name!r} not found")
+        where = ("device" if self.residency.is_resident(record)
+                 else "host" if record in self.host_cache else "disk")
+        running = sum(1 for s in self._seqs.values()
+                      if s.request.adapter is not None and s.request.adapter.name == name
+                      and s.status is RequestStatus.RUNNING)
+        return where, running
+
+    def paths_in_use(self) -> set[str]:
+        """Adapter folders that a registered version or an unfinished request still needs."""
+        paths = {r.path for r in self.adapters.values()}
+        paths.update(s.request.adapter.path for s in self._seqs.values()
+                     if s.request.adapter is not None)
+        return paths
 
     def remove_adapter(self, name: str) -> None:
         """Running requests finish on it; later ones get UnknownAdapterError."""

@@ -58,7 +58,7 @@ class Sequence:
     """`stop`, `length`, `abort` or `error`."""
     error: Exception | None = None
     logprobs: list[dict] = field(default_factory=list)
-    """Per output token when asked: {"logprob", "top": [(id, logprob), ...]}."""
+    """Per output token when asked: {"id", "logprob", "top": [(id, logprob), ...]}."""
     num_preemptions: int = 0
 
     @property

@@ -86,7 +86,8 @@ class Scheduler:
             if output.logprobs is not None and seq.request.params.logprobs is not None:
                 k = seq.request.params.logprobs
                 top = output.top_logprobs[i][:k] if output.top_logprobs else []
-                seq.logprobs.append({"logprob": output.logprobs[i], "top": top})
+                seq.logprobs.append({"id": output.token_ids[i], "logprob": output.logprobs[i],
+                                    "top": top})
             sampled.append(seq)
             self._check_length_and_eos(seq)
         return sampled

@@ -1,7 +1,5 @@
-"""`loraplex` command line: flags → configs → engine. `serve` lands with the HTTP server.
-
-Today: `loraplex generate PROMPT [...]` runs the offline engine (chat template by default).
-"""
+"""`loraplex` command line: `serve` (the HTTP server), `generate` (offline), and the client
+commands (`complete`, `chat`, `adapters …`) that `loraplex.clients.cli` adds."""
 
 from __future__ import annotations
 
@@ -9,11 +7,13 @@ import argparse
 import logging
 import sys
 import time
+from pathlib import Path
 
-from loraplex.memory.config import MemoryConfig
 from loraplex.model.sampler import SamplingParams
-from loraplex.scheduler.config import SchedulerConfig
-from loraplex.scheduler.engine import Engine, EngineConfig
+from loraplex.server.config import ServeConfig, default_store_dir
+from loraplex.server.logs import setup_logging
+
+logger = logging.getLogger("loraplex")
 
 
 def _adapter_flag(value: str) -> tuple[str, str]:
@@ -23,31 +23,123 @@ def _adapter_flag(value: str) -> tuple[str, str]:
     return name, path
 
 
+def _engine_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="HF folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--adapter", action="append", type=_adapter_flag, default=[],
+                   metavar="NAME=DIR", help="register a PEFT adapter (repeatable)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16")
+    p.add_argument("--pool-mib", type=int, default=512,
+                   help="the page pool (KV cache and resident adapters) in MiB")
+    p.add_argument("--max-batched-tokens", type=int, default=2048,
+                   help="tokens per engine step (decode + chunked prefill)")
+    p.add_argument("--max-num-seqs", type=int, default=256, help="running sequences at most")
+    p.add_argument("--max-rank", type=int, default=64, help="largest adapter rank accepted")
+    p.add_argument("--max-resident-adapters", type=int, default=64,
+                   help="adapters in the pool at once")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraplex", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server")
+    _engine_flags(serve)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--served-model-name", default=None,
+                       help="the base model's name in `model` (default: its folder's name)")
+    serve.add_argument("--adapter-dir", action="append", type=Path, default=[],
+                       help="serve every PEFT adapter folder under DIR, by folder name")
+    serve.add_argument("--adapter-store", type=Path, default=None,
+                       help=f"where uploads are kept (default: {default_store_dir()})")
+    serve.add_argument("--no-uploads", action="store_true", help="disable adapter uploads")
+    serve.add_argument("--allow-adapter-path", action="append", type=Path, default=[],
+                       help="a directory under which JSON {name, path} registrations may point")
+    serve.add_argument("--api-keys", type=Path, default=None,
+                       help="JSON file of API keys → tenants (default: open, one tenant)")
+    serve.add_argument("--max-upload-mib", type=int, default=512)
+    serve.add_argument("--drain-timeout", type=float, default=30.0,
+                       help="seconds to let running requests finish on SIGTERM")
+    serve.add_argument("--log-format", default="text", choices=["text", "json"])
+
     gen = sub.add_parser("generate", help="generate offline for one or more prompts")
+    _engine_flags(gen)
     gen.add_argument("prompts", nargs="+", help="prompt text (one request each)")
-    gen.add_argument("--model", default=None,
-                     help="HF directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
-    gen.add_argument("--adapter", action="append", type=_adapter_flag, default=[],
-                     metavar="NAME=DIR", help="register a PEFT adapter (repeatable)")
     gen.add_argument("--use", default=None, metavar="NAME", help="adapter for every prompt")
-    gen.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    gen.add_argument("--dtype", default=None)
     gen.add_argument("--max-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--raw", action="store_true", help="no chat template: complete the text")
-    gen.add_argument("--pool-mib", type=int, default=512, help="page pool size in MiB")
+    try:
+        from loraplex.clients.cli import add_commands
+    except ImportError:  # the client package is optional for the server
+        pass
+    else:
+        add_commands(sub)
     return parser
 
 
+def serve_config(args: argparse.Namespace) -> ServeConfig:
+    return ServeConfig.for_engine(
+        args.model, device=args.device, dtype=args.dtype, pool_bytes=args.pool_mib * 2**20,
+        max_rank=args.max_rank, max_resident_adapters=args.max_resident_adapters,
+        max_batched_tokens=args.max_batched_tokens, max_num_seqs=args.max_num_seqs,
+        host=args.host, port=args.port, served_model_name=args.served_model_name,
+        adapters=tuple((n, Path(p)) for n, p in args.adapter),
+        adapter_dirs=tuple(args.adapter_dir),
+        adapter_store=None if args.no_uploads else (args.adapter_store or default_store_dir()),
+        allowed_adapter_paths=tuple(args.allow_adapter_path), api_keys=args.api_keys,
+        max_upload_bytes=args.max_upload_mib * 2**20, drain_timeout_s=args.drain_timeout,
+        log_format=args.log_format)
+
+
+def _demo_name(config: ServeConfig) -> ServeConfig:
+    if config.served_model_name is None and config.engine.model is None:
+        from dataclasses import replace
+        return replace(config, served_model_name="SmolLM2-135M-Instruct")
+    return config
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from loraplex.scheduler.engine import Engine
+    from loraplex.server.app import create_app
+
+    config = _demo_name(serve_config(args))
+    setup_logging(config.log_format)
+    engine = Engine(config.engine)
+    app = create_app(engine, config)
+    state = app.state.loraplex
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: object) -> None:
+            # SIGTERM/SIGINT: readiness goes 503 and new requests get 503 at once; uvicorn
+            # then stops accepting and waits (up to the drain timeout) for open streams.
+            state.bridge.draining = True
+            super().handle_exit(sig, frame)
+
+    server = DrainingServer(uvicorn.Config(
+        app, host=config.host, port=config.port, log_config=None, access_log=False,
+        timeout_graceful_shutdown=int(config.drain_timeout_s) or None))
+    logger.info("listening on http://%s:%d/v1 (model %s)", config.host, config.port,
+                state.model_name)
+    server.run()
+    return 0
+
+
 def generate(args: argparse.Namespace) -> int:
-    config = EngineConfig(model=args.model, dtype=args.dtype, device=args.device,
-                          memory=MemoryConfig(pool_bytes=args.pool_mib * 2**20),
-                          scheduler=SchedulerConfig())
-    engine = Engine(config)
+    from loraplex.scheduler.engine import Engine
+
+    setup_logging()
+    config = serve_config(argparse.Namespace(**{**vars(args), "host": "127.0.0.1", "port": 8000,
+                                                "served_model_name": None, "adapter_dir": [],
+                                                "adapter_store": None, "no_uploads": True,
+                                                "allow_adapter_path": [], "api_keys": None,
+                                                "max_upload_mib": 1, "drain_timeout": 0,
+                                                "log_format": "text"}))
+    engine = Engine(config.engine)
     for name, path in args.adapter:
         engine.add_adapter(name, path)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
@@ -59,17 +151,17 @@ def generate(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - t0
     for prompt, out in zip(args.prompts, outputs):
         sys.stdout.write(f"> {prompt}\n{out.text}\n\n")
-    num_tokens = sum(len(o.token_ids) for o in outputs)
-    logging.getLogger("loraplex").info("%d tokens in %.2f s", num_tokens, elapsed)
+    logger.info("%d tokens in %.2f s", sum(len(o.token_ids) for o in outputs), elapsed)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return serve(args)
     if args.command == "generate":
         return generate(args)
-    return 2
+    return args.run(args)  # a client command
 
 
 if __name__ == "__main__":
