@@ -22,7 +22,7 @@ from loraplex.server.auth import ApiKeys, ConcurrencyLimiter
 from loraplex.server.bridge import EngineBridge
 from loraplex.server.catalog import AdapterCatalog
 from loraplex.server.config import ServeConfig
-from loraplex.server.errors import error_body, error_response
+from loraplex.server.errors import KNOWN_ERRORS, error_body, error_response
 from loraplex.server.metrics import Metrics
 from loraplex.server.routes_adapters import router as adapters_router
 from loraplex.server.routes_openai import router as openai_router
@@ -74,13 +74,16 @@ def _install_handlers(app: FastAPI) -> None:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return JSONResponse(error_body(str(exc.detail), kind), exc.status_code)
 
-    @app.exception_handler(Exception)
     async def on_error(request: Request, exc: Exception) -> JSONResponse:
         request_id = getattr(request.state, "request_id", None)
         response = error_response(exc, request_id)
         if response.status_code >= 500:
             logger.error("request %s failed", request_id, exc_info=exc)
         return response
+
+    # Known classes are answered without a traceback; anything else is a 500 with one.
+    for cls in (*KNOWN_ERRORS, Exception):
+        app.add_exception_handler(cls, on_error)
 
 
 def _install_middleware(app: FastAPI, state: ServerState) -> None:

@@ -244,7 +244,7 @@ def _parse_tenant(source: str, name: object, entry: object) -> tuple[Tenant, lis
     return Tenant(name, is_admin=admin, weight=float(weight), **limits), digests
 
 
-def _parse_keys(entry: dict, fail: _Fail) -> list[bytes]:
+def _parse_keys(entry: dict[str, object], fail: _Fail) -> list[bytes]:
     digests = []
     for field in ("keys", "key_sha256"):
         values = entry.get(field, [])

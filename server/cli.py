@@ -4,9 +4,13 @@ commands (`complete`, `chat`, `adapters …`) that `loraplex.clients.cli` adds."
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from loraplex.model.sampler import SamplingParams
@@ -114,6 +118,21 @@ def serve(args: argparse.Namespace) -> int:
     state = app.state.loraplex
 
     class DrainingServer(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            # uvicorn re-raises the signal after shutting down (exit status -15); a drained,
+            # orderly stop is a success, so we only route the signals to handle_exit.
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            previous = {s: signal.signal(s, self.handle_exit)
+                        for s in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for s, handler in previous.items():
+                    signal.signal(s, handler)
+
         def handle_exit(self, sig: int, frame: object) -> None:
             # SIGTERM/SIGINT: readiness goes 503 and new requests get 503 at once; uvicorn
             # then stops accepting and waits (up to the drain timeout) for open streams.

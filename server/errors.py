@@ -11,7 +11,12 @@ from loraplex.model.adapters.errors import AdapterError
 from loraplex.model.sampler import SamplingParamsError
 from loraplex.scheduler.errors import RequestError, UnknownAdapterError
 from loraplex.server.auth import ApiKeysError, AuthError, LimitExceededError
-from loraplex.server.store import StoreError, UploadTooLargeError
+from loraplex.server.store import (
+    AdapterExistsError,
+    NoSuchAdapterError,
+    StoreError,
+    UploadTooLargeError,
+)
 
 
 class ServerError(Exception):
@@ -45,6 +50,8 @@ class UnavailableError(ServerError):
 _MAP: list[tuple[type[BaseException], int, str]] = [
     (UnknownAdapterError, 404, "not_found_error"),
     (UploadTooLargeError, 413, "invalid_request_error"),
+    (NoSuchAdapterError, 404, "not_found_error"),
+    (AdapterExistsError, 409, "conflict_error"),
     (AuthError, 401, "authentication_error"),
     (LimitExceededError, 429, "rate_limit_error"),
     (AdapterError, 400, "invalid_request_error"),
@@ -53,6 +60,9 @@ _MAP: list[tuple[type[BaseException], int, str]] = [
     (StoreError, 400, "invalid_request_error"),
     (ApiKeysError, 500, "internal_server_error"),
 ]
+
+
+KNOWN_ERRORS: tuple[type[BaseException], ...] = (ServerError, *(cls for cls, _, _ in _MAP))
 
 
 def classify(exc: BaseException) -> tuple[int, str]:

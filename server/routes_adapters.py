@@ -15,6 +15,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from starlette.datastructures import UploadFile
 
+from loraplex.model.adapters.errors import AdapterError
 from loraplex.scheduler.errors import UnknownAdapterError
 from loraplex.server.auth import Tenant, check_adapter_limit
 from loraplex.server.catalog import CatalogEntry
@@ -89,11 +90,19 @@ async def _store(state: ServerState, tenant: Tenant, name: str, files: dict[str,
     try:
         prepared = await asyncio.to_thread(state.bridge.engine.prepare_adapter,
                                            probe.engine_name, staged)
+    except AdapterError as exc:  # name the upload, not the server's staging folder
+        state.store.discard(staged)
+        message = str(exc).replace(f"{staged}/", "").replace(str(staged), "the upload")
+        raise type(exc)(message) from None
     except BaseException:
         state.store.discard(staged)
         raise
-    stored = await asyncio.to_thread(state.store.commit, staged, owner, name, shared,
-                                     exclusive=replacing is None)
+    try:
+        stored = await asyncio.to_thread(state.store.commit, staged, owner, name, shared,
+                                         exclusive=replacing is None)
+    except BaseException:
+        state.store.discard(staged)
+        raise
     prepared.record.path = str(stored.path)
     entry = CatalogEntry(name, owner, stored.shared, stored.path, "store", stored.version,
                          stored.created)
@@ -129,6 +138,8 @@ async def _delete(state: ServerState, tenant: Tenant, name: str) -> dict:
             except UnknownAdapterError:
                 pass
         if entry.source == "store":
+            # Durably gone at once (also after a crash); files stay for running requests.
+            await asyncio.to_thread(state.store.mark_deleted, entry.owner, entry.name)
             state.pending_deletes.append(entry)
     await state.housekeeping()
     return {"id": entry.name, "object": "adapter", "deleted": True}

@@ -83,7 +83,7 @@ class ServerState:
                 else:
                     await asyncio.to_thread(self.store.delete, entry.owner, entry.name)
             for owner, name in list(self.prune_candidates):
-                stored = self.store.get(owner, name)
+                stored = await asyncio.to_thread(self.store.get, owner, name)
                 if stored is None:
                     self.prune_candidates.discard((owner, name))
                     continue

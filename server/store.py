@@ -6,6 +6,7 @@ from a worker thread. The commit point of an upload is the atomic replace of `me
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import json
 import logging
@@ -18,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +31,8 @@ ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE)
 META_FILE = "meta.json"
 STAGING_DIR = ".staging"
 _CHUNK_BYTES = 1 << 20
+_Meta = dict[str, Any]
+"""Parsed `meta.json`: version, shared, created, updated."""
 _VERSION_RE = re.compile(r"v([1-9][0-9]{0,17})")
 
 
@@ -187,11 +190,13 @@ class AdapterStore:
         if not _is_complete(staged):
             raise StoreError(f"staged folder {staged.name} lacks {list(ADAPTER_FILES)}")
         with self._lock:
-            meta = self._read_meta(adapter_dir)
+            raw = self._read_meta(adapter_dir)
+            meta = raw if raw is not None and not raw.get("deleted") else None
             if meta is not None and exclusive:
                 raise AdapterExistsError(f"adapter {name!r} already exists")
             self._make_dirs(adapter_dir)
-            version = max([meta["version"] if meta else 0, *self._versions(adapter_dir)]) + 1
+            # Versions only grow, also past a deletion: (owner, name, version) names one upload.
+            version = max([raw["version"] if raw else 0, *self._versions(adapter_dir)]) + 1
             os.rename(staged, adapter_dir / f"v{version}")
             _fsync_dir(adapter_dir)
             _fsync_dir(self.staging)
@@ -199,13 +204,13 @@ class AdapterStore:
             is_shared = bool(meta.get("shared")) if shared is None and meta else bool(shared)
             self._write_meta(adapter_dir, {
                 "version": version, "shared": is_shared,
-                "created": meta["created"] if meta else now, "updated": now})
+                "created": meta.get("created", now) if meta else now, "updated": now})
             logger.info("committed adapter %s/%s v%d", owner, name, version)
             return self._record(owner, name, self._read_meta(adapter_dir))
 
     # -- queries ---------------------------------------------------------------------------
 
-    def list(self, owner: str | None = None) -> list[StoredAdapter]:
+    def list(self, owner: str | None = None) -> builtins.list[StoredAdapter]:
         """The latest committed version of each adapter (of `owner` only, if given)."""
         if owner is not None:
             check_name(owner, "owner")
@@ -226,8 +231,18 @@ class AdapterStore:
 
     # -- changes ---------------------------------------------------------------------------
 
+    def mark_deleted(self, owner: str, name: str) -> None:
+        """Durably hide `owner/name` (gone for `get`/`list`, and after a restart) but keep its
+        files for running requests; `delete` or `prune` removes them later."""
+        adapter_dir = self._adapter_dir(owner, name)
+        with self._lock:
+            meta = self._read_meta(adapter_dir)
+            if meta is None or meta.get("deleted"):
+                raise NoSuchAdapterError(f"no adapter {name!r}")
+            self._write_meta(adapter_dir, {**meta, "deleted": True, "updated": _now()})
+
     def delete(self, owner: str, name: str) -> None:
-        """Remove every version of `owner/name`; it vanishes at once (one rename)."""
+        """Remove every version of `owner/name` (marked deleted or not) at once: one rename."""
         adapter_dir = self._adapter_dir(owner, name)
         with self._lock:
             if self._read_meta(adapter_dir) is None:
@@ -242,12 +257,12 @@ class AdapterStore:
         adapter_dir = self._adapter_dir(owner, name)
         with self._lock:
             meta = self._read_meta(adapter_dir)
-            if meta is None:
+            if meta is None or meta.get("deleted"):
                 raise NoSuchAdapterError(f"no adapter {name!r}")
             self._write_meta(adapter_dir, {**meta, "shared": bool(shared), "updated": _now()})
             return self._record(owner, name, self._read_meta(adapter_dir))
 
-    def prune(self, owner: str, name: str, keep_versions: set[int]) -> list[int]:
+    def prune(self, owner: str, name: str, keep_versions: set[int]) -> builtins.list[int]:
         """Remove version folders not in `keep_versions` (never the latest); return them."""
         adapter_dir = self._adapter_dir(owner, name)
         with self._lock:
@@ -264,8 +279,9 @@ class AdapterStore:
         """Bring the root back to committed state after a crash; run by the constructor.
 
         Empties `.staging`; per adapter keeps only the version that `meta.json` commits (no
-        request survives a restart, so older versions are unused); drops adapters whose first
-        commit never reached `meta.json`. An unreadable `meta.json` is logged and left alone.
+        request survives a restart, so older versions are unused); drops adapters marked
+        deleted or whose first commit never reached `meta.json`. An unreadable `meta.json` is
+        logged and left alone.
         """
         with self._lock:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -285,9 +301,10 @@ class AdapterStore:
         except StoreError as exc:
             logger.error("adapter store: %s; leaving %s untouched", exc, adapter_dir)
             return
-        if meta is None:
-            logger.warning("adapter store: removing uncommitted upload %s", adapter_dir)
-            self._remove(adapter_dir, "uncommitted")
+        if meta is None or meta.get("deleted"):
+            why = "deleted" if meta else "uncommitted"
+            logger.warning("adapter store: removing %s adapter %s", why, adapter_dir)
+            self._remove(adapter_dir, why)
             return
         for version in self._versions(adapter_dir):
             if version != meta["version"]:
@@ -306,7 +323,7 @@ class AdapterStore:
             raise StoreError(f"{staged} is not a folder staged by this store")
         return staged
 
-    def _children(self, folder: Path) -> list[str]:
+    def _children(self, folder: Path) -> builtins.list[str]:
         """Sub-folders with valid names, sorted; skips `.staging`, temp files and symlinks."""
         try:
             entries = sorted(os.scandir(folder), key=lambda e: e.name)
@@ -315,7 +332,7 @@ class AdapterStore:
         return [e.name for e in entries
                 if e.is_dir(follow_symlinks=False) and NAME_RE.fullmatch(e.name)]
 
-    def _versions(self, adapter_dir: Path) -> list[int]:
+    def _versions(self, adapter_dir: Path) -> builtins.list[int]:
         if not adapter_dir.is_dir():
             return []
         found = (_version_of(p) for p in adapter_dir.iterdir() if p.is_dir())
@@ -334,7 +351,7 @@ class AdapterStore:
         _fsync_dir(target.parent)
         shutil.rmtree(trash, ignore_errors=True)
 
-    def _read_meta(self, adapter_dir: Path) -> dict | None:
+    def _read_meta(self, adapter_dir: Path) -> _Meta | None:
         """The committed metadata, None if there is none; `StoreError` if unreadable."""
         try:
             meta = json.loads((adapter_dir / META_FILE).read_text(encoding="utf-8"))
@@ -345,9 +362,10 @@ class AdapterStore:
         version = meta.get("version") if isinstance(meta, dict) else None
         if not isinstance(version, int) or isinstance(version, bool) or version < 1:
             raise StoreError(f"{adapter_dir / META_FILE} has no valid version")
-        return meta
+        result: _Meta = meta
+        return result
 
-    def _write_meta(self, adapter_dir: Path, meta: dict) -> None:
+    def _write_meta(self, adapter_dir: Path, meta: _Meta) -> None:
         """Temp file, fsync, `os.replace`, fsync folder: the new meta or the old, never half."""
         tmp = adapter_dir / f".{META_FILE}.{uuid.uuid4().hex}"
         with open(tmp, "x", encoding="utf-8") as out:
@@ -363,11 +381,12 @@ class AdapterStore:
         except StoreError as exc:
             logger.error("adapter store: skipping %s/%s: %s", owner, name, exc)
             return None
-        if meta is None or not _is_complete(self.root / owner / name / f"v{meta['version']}"):
+        if meta is None or meta.get("deleted") or not _is_complete(
+                self.root / owner / name / f"v{meta['version']}"):
             return None
         return self._record(owner, name, meta)
 
-    def _record(self, owner: str, name: str, meta: dict | None) -> StoredAdapter:
+    def _record(self, owner: str, name: str, meta: _Meta | None) -> StoredAdapter:
         assert meta is not None, "a committed adapter has meta.json"
         path = self.root / owner / name / f"v{meta['version']}"
         return StoredAdapter(
