@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Set up and run loraplex from a fresh checkout with nothing but Python 3.11.
 
-    python3 dev.py demo [ARGS...]   # venv + install, then serve / generate on the demo model
+    python3 dev.py demo [ARGS...]   # venv + install, then `loraplex serve` on the demo model
     python3 dev.py test [PYTEST ARGS...]   # venv + install, then the whole test suite
 
 Standard library only: it runs before anything is installed.
@@ -57,7 +57,7 @@ def main(argv: list[str]) -> int:
     setup()
     env = dict(os.environ)
     if argv[0] == "demo":
-        args = argv[1:] or ["generate", "What is the capital of France?"]
+        args = argv[1:] or ["serve"]
         return subprocess.call([str(_python()), "-m", "loraplex.server.cli", *args], cwd=ROOT,
                                env=env)
     if argv[0] == "test":

@@ -26,6 +26,10 @@ from loraplex.scheduler.request import RequestStatus, Sequence
 logger = logging.getLogger(__name__)
 
 
+def _adapter_key(seq: Sequence) -> int:
+    return -1 if seq.request.adapter is None else seq.request.adapter.uid
+
+
 class Scheduler:
     """Owns the waiting queue and the running set; builds one `Batch` per step."""
 
@@ -121,36 +125,55 @@ class Scheduler:
 
     def _admit_waiting(self, budget: int) -> list[tuple[Sequence, int]]:
         scheduled = []
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            seq = self.waiting[0]
-            n = min(seq.num_uncomputed_tokens, budget)
-            kv_pages = seq.page_table.num_missing_pages(self.kv_layout, seq.num_computed_tokens + n)
-            record = seq.request.adapter
-            if record is not None:
-                if not self.residency.can_acquire(record, extra_pages=kv_pages):
-                    break
-                try:
-                    seq.adapter_slot = self.residency.acquire(
-                        record, lambda r=record: self._load_adapter(r))
-                except OutOfPagesError:
-                    break
-                except Exception as exc:  # the adapter's files changed under us: fail it alone
-                    logger.exception("request %s: adapter %s failed to load",
-                                     seq.request.request_id, record.name)
-                    self.waiting.popleft()
-                    seq.error = exc
-                    seq.status, seq.finish_reason = RequestStatus.FAILED, "error"
-                    self.failed.append(seq)
-                    continue
-            if not self._grow(seq, seq.num_computed_tokens + n):
-                self._release_adapter(seq)
+        limit = self.config.max_adapters_per_batch
+        running_adapters = {_adapter_key(s) for s in self.running}
+        idx = 0
+        while idx < len(self.waiting) and budget > 0 \
+                and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[idx]
+            key = _adapter_key(seq)
+            if limit is not None and key not in running_adapters \
+                    and len(running_adapters) >= limit:
+                idx += 1  # another adapter's turn comes when the running ones drain
+                continue
+            outcome = self._try_admit(seq, budget)
+            if outcome == "full":
                 break
-            self.waiting.popleft()
-            seq.status = RequestStatus.RUNNING
-            self.running.append(seq)
-            scheduled.append((seq, n))
-            budget -= n
+            del self.waiting[idx]
+            if outcome == "failed":
+                continue
+            running_adapters.add(key)
+            scheduled.append((seq, outcome))
+            budget -= outcome
         return scheduled
+
+    def _try_admit(self, seq: Sequence, budget: int) -> int | str:
+        """Reserve pages (and the adapter) for `seq`'s first chunk: its size, `full` or
+        `failed` (the adapter could not be read: the sequence ends with the error)."""
+        n = min(seq.num_uncomputed_tokens, budget)
+        kv_pages = seq.page_table.num_missing_pages(self.kv_layout, seq.num_computed_tokens + n)
+        record = seq.request.adapter
+        if record is not None:
+            if not self.residency.can_acquire(record, extra_pages=kv_pages):
+                return "full"
+            try:
+                seq.adapter_slot = self.residency.acquire(
+                    record, lambda r=record: self._load_adapter(r))
+            except OutOfPagesError:
+                return "full"
+            except Exception as exc:  # the adapter's files changed under us: fail it alone
+                logger.exception("request %s: adapter %s failed to load",
+                                 seq.request.request_id, record.name)
+                seq.error = exc
+                seq.status, seq.finish_reason = RequestStatus.FAILED, "error"
+                self.failed.append(seq)
+                return "failed"
+        if not self._grow(seq, seq.num_computed_tokens + n):
+            self._release_adapter(seq)
+            return "full"
+        seq.status = RequestStatus.RUNNING
+        self.running.append(seq)
+        return n
 
     def _grow(self, seq: Sequence, num_tokens: int) -> bool:
         missing = seq.page_table.num_missing_pages(self.kv_layout, num_tokens)

@@ -13,9 +13,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from loraplex.model.sampler import SamplingParams
-from loraplex.server.config import ServeConfig, default_store_dir
+from typing import TYPE_CHECKING
+
 from loraplex.server.logs import setup_logging
+
+if TYPE_CHECKING:  # the engine side is imported lazily: client commands start fast
+    from loraplex.server.config import ServeConfig
 
 logger = logging.getLogger("loraplex")
 
@@ -56,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--adapter-dir", action="append", type=Path, default=[],
                        help="serve every PEFT adapter folder under DIR, by folder name")
     serve.add_argument("--adapter-store", type=Path, default=None,
-                       help=f"where uploads are kept (default: {default_store_dir()})")
+                       help="where uploads are kept (default: $LORAPLEX_ADAPTER_STORE or "
+                       "~/.cache/loraplex/adapter-store)")
     serve.add_argument("--no-uploads", action="store_true", help="disable adapter uploads")
     serve.add_argument("--allow-adapter-path", action="append", type=Path, default=[],
                        help="a directory under which JSON {name, path} registrations may point")
@@ -84,7 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def serve_config(args: argparse.Namespace) -> ServeConfig:
+def serve_config(args: argparse.Namespace) -> "ServeConfig":
+    from loraplex.server.config import ServeConfig, default_store_dir
+
     return ServeConfig.for_engine(
         args.model, device=args.device, dtype=args.dtype, pool_bytes=args.pool_mib * 2**20,
         max_rank=args.max_rank, max_resident_adapters=args.max_resident_adapters,
@@ -98,7 +104,7 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         log_format=args.log_format)
 
 
-def _demo_name(config: ServeConfig) -> ServeConfig:
+def _demo_name(config: "ServeConfig") -> "ServeConfig":
     if config.served_model_name is None and config.engine.model is None:
         from dataclasses import replace
         return replace(config, served_model_name="SmolLM2-135M-Instruct")
@@ -149,6 +155,7 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def generate(args: argparse.Namespace) -> int:
+    from loraplex.model.sampler import SamplingParams
     from loraplex.scheduler.engine import Engine
 
     setup_logging()

@@ -30,14 +30,15 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory):
 
 def make_engine(model_dir, *, num_pages: int = 256, page_size: int = 16, max_rank: int = 64,
                 max_batched_tokens: int = 256, max_resident_adapters: int = 16,
-                max_num_seqs: int = 64) -> Engine:
+                max_num_seqs: int = 64, max_adapters_per_batch: int | None = None) -> Engine:
     """An fp32 CPU engine over a tiny model folder (no tokenizer)."""
     return Engine(EngineConfig(
         model=str(model_dir), dtype="float32", device="cpu", load_tokenizer=False,
         memory=MemoryConfig(page_size=page_size, num_pages=num_pages, max_rank=max_rank,
                             max_resident_adapters=max_resident_adapters),
         scheduler=SchedulerConfig(max_num_batched_tokens=max_batched_tokens,
-                                  max_num_seqs=max_num_seqs),
+                                  max_num_seqs=max_num_seqs,
+                                  max_adapters_per_batch=max_adapters_per_batch),
     ))
 
 

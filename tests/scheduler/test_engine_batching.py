@@ -150,3 +150,21 @@ def test_seeded_sampling_is_reproducible_and_batch_independent(tiny_model_dir, a
                                  ["r8-qv"])[0]
     assert other_seed.token_ids != alone.token_ids
     assert_pool_clean(engine)
+
+
+def test_one_adapter_per_batch_still_matches(tiny_model_dir, adapter_dirs, expected):
+    """Adapter batching switched off (the load test's baseline): one adapter at a time."""
+    engine = make_engine(tiny_model_dir(ARCH)[1], max_adapters_per_batch=1)
+    register(engine, adapter_dirs)
+    requests = workload(14)
+    ids = [engine.add_request(p, greedy(), a) for p, a in requests]
+    tokens: dict[str, list[int]] = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens[out.request_id] = out.token_ids
+        running = {s.request.adapter.uid if s.request.adapter else -1
+                   for s in engine.scheduler.running}
+        assert len(running) <= 1
+    for rid, (p, a) in zip(ids, requests):
+        assert tokens[rid] == expected(a, p)
+    assert_pool_clean(engine)
