@@ -5,6 +5,7 @@ Owns `use_triton`, `pick` and `KernelArgumentError`. Imports nothing of ours.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 import sys
@@ -36,11 +37,27 @@ def use_triton(device: torch.device | str) -> bool:
     return torch.device(device).type == "cuda" and has_triton()
 
 
+def triton_twin(ref: Callable) -> Callable | None:
+    """`ref`'s `*_triton` twin: in `ref`'s own module, else in its `<module>_triton` sibling
+    (imported here, lazily, so that CPU-only runs never import triton); None when neither has it.
+    """
+    name = ref.__name__.removesuffix("_ref") + "_triton"
+    twin = getattr(sys.modules[ref.__module__], name, None)
+    if twin is None:
+        sibling = f"{ref.__module__}_triton"
+        try:
+            twin = getattr(importlib.import_module(sibling), name, None)
+        except ModuleNotFoundError as error:
+            if error.name != sibling:
+                raise  # a broken twin module must not silently fall back to the reference
+            return None
+    return twin
+
+
 def pick(ref: Callable, device: torch.device | str) -> Callable:
-    """`ref`'s `*_triton` twin (same module) when `use_triton(device)` and it exists, else `ref`."""
+    """`ref`'s `*_triton` twin when `use_triton(device)` and it exists, else `ref`."""
     if use_triton(device):
-        stem = ref.__name__.removesuffix("_ref")
-        twin = getattr(sys.modules[ref.__module__], f"{stem}_triton", None)
+        twin = triton_twin(ref)
         if twin is not None:
             return twin
     return ref

@@ -6,11 +6,13 @@ references plus the public entry points. Imports only `kernels.dispatch`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 
 from loraplex.kernels.dispatch import INDEX_DTYPES, check, check_same_device, check_tensor, pick
+from loraplex.kernels.dora import dora_scale
 
 
 class TokenGroups(NamedTuple):
@@ -201,16 +203,44 @@ def _check_expand(h: torch.Tensor, pool_flat: torch.Tensor, b_rows: torch.Tensor
     check_same_device(h=h, pool_flat=pool_flat, b_rows=b_rows, out=out)
 
 
+def _check_g_rows(g_rows: torch.Tensor | None, b_rows: torch.Tensor) -> None:
+    if g_rows is not None:
+        check_tensor("g_rows", g_rows, 1, torch.int64)
+        check(g_rows.shape[0] == b_rows.shape[0], "g_rows and row table disagree on slots")
+
+
+def _expand_with_g(ref: Callable, g_rows: torch.Tensor | None,
+                   token_slots: Callable[[], torch.Tensor], pool_flat: torch.Tensor,
+                   out: torch.Tensor, *args: torch.Tensor) -> None:
+    """Run `ref`'s twin (DoRA's g fused into its epilogue) or `ref` then `dora_scale`."""
+    fn = pick(ref, out.device)
+    if g_rows is None:
+        fn(*args, out)
+    elif fn is ref:
+        fn(*args, out)
+        dora_scale(out, pool_flat, g_rows, token_slots())
+    else:
+        fn(*args, out, g_rows=g_rows)
+
+
 def lora_expand(h: torch.Tensor, pool_flat: torch.Tensor, b_rows: torch.Tensor,
                 ranks: torch.Tensor, scales: torch.Tensor, token_slots: torch.Tensor,
-                out: torch.Tensor) -> None:
-    """Checked entry point of `lora_expand_ref` (same semantics; `out` written in place)."""
+                out: torch.Tensor, g_rows: torch.Tensor | None = None) -> None:
+    """Checked entry point of `lora_expand_ref` (same semantics; `out` written in place).
+
+    With DoRA's g_rows [S] int64 (-1: not DoRA), `dora_scale` follows on the same tokens; the
+    Triton twin applies it in the expand epilogue (no extra pass over `out`).
+    """
     _check_expand(h, pool_flat, b_rows, ranks, scales, out)
     check_tensor("token_slots", token_slots, 1, INDEX_DTYPES)
     check(token_slots.shape[0] == out.shape[0], "token_slots and out disagree on tokens")
+    _check_g_rows(g_rows, b_rows)
     if out.shape[0] == 0 or b_rows.shape[1] == 0 or out.shape[1] == 0:
+        if g_rows is not None:
+            dora_scale(out, pool_flat, g_rows, token_slots)
         return
-    pick(lora_expand_ref, out.device)(h, pool_flat, b_rows, ranks, scales, token_slots, out)
+    _expand_with_g(lora_expand_ref, g_rows, lambda: token_slots, pool_flat, out, h, pool_flat,
+                   b_rows, ranks, scales, token_slots)
 
 
 def lora_shrink_segments(x: torch.Tensor, pool_flat: torch.Tensor, a_rows: torch.Tensor,
@@ -228,11 +258,22 @@ def lora_shrink_segments(x: torch.Tensor, pool_flat: torch.Tensor, a_rows: torch
 
 def lora_expand_segments(h: torch.Tensor, pool_flat: torch.Tensor, b_rows: torch.Tensor,
                          ranks: torch.Tensor, scales: torch.Tensor, seg_starts: torch.Tensor,
-                         seg_slots: torch.Tensor, out: torch.Tensor) -> None:
-    """Checked entry point of `lora_expand_segments_ref` (prefill form; `out` in place)."""
+                         seg_slots: torch.Tensor, out: torch.Tensor,
+                         g_rows: torch.Tensor | None = None) -> None:
+    """Checked entry point of `lora_expand_segments_ref` (prefill form; `out` in place).
+
+    Optional DoRA g_rows [S] as in `lora_expand`.
+    """
     _check_expand(h, pool_flat, b_rows, ranks, scales, out)
     _check_segments(seg_starts, seg_slots, out.shape[0])
-    if out.shape[0] == 0 or b_rows.shape[1] == 0 or out.shape[1] == 0 or seg_slots.shape[0] == 0:
+    _check_g_rows(g_rows, b_rows)
+    if out.shape[0] == 0 or seg_slots.shape[0] == 0:
         return
-    ref = lora_expand_segments_ref
-    pick(ref, out.device)(h, pool_flat, b_rows, ranks, scales, seg_starts, seg_slots, out)
+    if b_rows.shape[1] == 0 or out.shape[1] == 0:
+        if g_rows is not None:
+            dora_scale(out, pool_flat, g_rows,
+                       segments_to_token_slots(seg_starts, seg_slots, out.shape[0]))
+        return
+    _expand_with_g(lora_expand_segments_ref, g_rows,
+                   lambda: segments_to_token_slots(seg_starts, seg_slots, out.shape[0]),
+                   pool_flat, out, h, pool_flat, b_rows, ranks, scales, seg_starts, seg_slots)

@@ -20,12 +20,9 @@ class Tokenizer:
         eos: list[int] = []
         if self.hf.eos_token_id is not None:
             eos.append(self.hf.eos_token_id)
-        gen_config = model_dir / "generation_config.json"
-        if gen_config.exists():
-            value = json.loads(gen_config.read_text()).get("eos_token_id")
-            for t in value if isinstance(value, list) else [value]:
-                if isinstance(t, int) and t not in eos:
-                    eos.append(t)
+        for t in _model_eos_ids(model_dir):
+            if t not in eos:
+                eos.append(t)
         self.eos_token_ids: tuple[int, ...] = tuple(eos)
 
     @property
@@ -49,6 +46,17 @@ class Tokenizer:
         """The prompt token ids of a chat (the template already carries any BOS)."""
         text = self.render_chat(messages, add_generation_prompt)
         return self.encode(text, add_special_tokens=False)
+
+
+def _model_eos_ids(model_dir: Path) -> list[int]:
+    """The model's end ids: generation_config.json's, else config.json's (as `generate` does)."""
+    for name in ("generation_config.json", "config.json"):
+        file = model_dir / name
+        if file.exists():
+            value = json.loads(file.read_text()).get("eos_token_id")
+            return [t for t in (value if isinstance(value, list) else [value])
+                    if isinstance(t, int)]
+    return []
 
 
 class IncrementalDetokenizer:
@@ -95,6 +103,7 @@ class StopChecker:
 
         Only matches that reach into the last `num_new_chars` characters are new.
         """
-        start = max(0, len(text) - num_new_chars - self.max_len + 1)
-        found = [i for s in self.stops if (i := text.find(s, start)) >= 0]
+        boundary = len(text) - max(num_new_chars, 0)
+        # Each stop from its own reach: a short stop lying wholly in the old text is not new.
+        found = [i for s in self.stops if (i := text.find(s, max(0, boundary - len(s) + 1))) >= 0]
         return min(found) if found else None

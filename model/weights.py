@@ -16,6 +16,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -56,8 +57,14 @@ def resolve_model_dir(model: str | os.PathLike | None) -> Path:
         return convert_gguf(path)
     if path.is_dir():
         if not (path / "config.json").exists():
-            raise ModelNotFoundError(f"{path} has no config.json: not a Hugging Face model folder")
+            ggufs = sorted(p.name for p in path.glob("*.gguf"))
+            hint = f" (to serve a GGUF file, name it: {path / ggufs[0]})" if ggufs else ""
+            raise ModelNotFoundError(
+                f"{path} has no config.json: not a Hugging Face model folder{hint}")
         return path
+    if path.is_file():
+        raise ModelNotFoundError(f"model {str(model)!r} is a file but not a .gguf: give a "
+                                 "Hugging Face model folder or a .gguf file")
     raise ModelNotFoundError(f"model {str(model)!r} not found: give a local folder or a .gguf file")
 
 
@@ -73,23 +80,19 @@ def convert_gguf(gguf: Path, cache_dir: Path | None = None) -> Path:
     The folder appears atomically (built under a temporary name, then renamed), so an
     interrupted conversion leaves nothing that a later start would mistake for a model.
     """
-    root = (cache_dir or cache_root()) / "models"
+    root = Path(cache_dir or cache_root()) / "models"
     target = root / _gguf_key(gguf)
     if (target / "config.json").exists():
         return target
     root.mkdir(parents=True, exist_ok=True)
-    # Imported here: loading transformers' model classes costs seconds we rarely need.
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     logger.info("converting %s to safetensors (once; about a minute on a small CPU)", gguf)
     t0 = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix=".converting-", dir=root))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                     dtype=torch.float32)
+        tokenizer, model = _read_gguf(gguf)
         _save_dequantized(model, tmp)
         tokenizer.save_pretrained(tmp)
+        tmp.chmod(0o755)  # mkdtemp's 0700 would hide the model from other users of the cache
         try:
             os.replace(tmp, target)
         except OSError:
@@ -99,6 +102,20 @@ def convert_gguf(gguf: Path, cache_dir: Path | None = None) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
     logger.info("converted %s in %.0f s into %s", gguf.name, time.perf_counter() - t0, target)
     return target
+
+
+def _read_gguf(gguf: Path) -> tuple[Any, Any]:
+    """transformers' tokenizer and fp32 model from a GGUF file."""
+    # Imported here: loading transformers' model classes costs seconds we rarely need.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                     dtype=torch.float32)
+    except (ValueError, OSError, KeyError) as e:  # not GGUF, truncated, unknown architecture
+        raise ModelNotFoundError(f"cannot read {gguf} as a GGUF model: {e}") from e
+    return tokenizer, model
 
 
 def _save_dequantized(model, folder: Path) -> None:
@@ -118,15 +135,24 @@ def _save_dequantized(model, folder: Path) -> None:
 
 
 def safetensors_files(model_dir: Path) -> list[Path]:
+    """The checkpoint's files: the index's shards, else `model.safetensors` (both as
+    transformers chooses), else every `*.safetensors` in the folder."""
     index = model_dir / "model.safetensors.index.json"
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = [model_dir / f for f in sorted(set(weight_map.values()))]
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = [model_dir / f for f in sorted(set(weight_map.values()))]
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ModelNotFoundError(f"{index} is not a valid index (JSON with a weight_map of "
+                                     f"tensor → file): {e}") from None
         missing = [f.name for f in files if not f.exists()]
         if missing:
             raise ModelNotFoundError(f"{model_dir}: shards named in the index are missing: "
                                      f"{', '.join(missing)}")
         return files
+    if (model_dir / "model.safetensors").exists():
+        # Not every file beside it: adapters or `consolidated.safetensors` are not the model.
+        return [model_dir / "model.safetensors"]
     files = sorted(model_dir.glob("*.safetensors"))
     if files:
         return files

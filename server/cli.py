@@ -45,6 +45,8 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-rank", type=int, default=64, help="largest adapter rank accepted")
     p.add_argument("--max-resident-adapters", type=int, default=64,
                    help="adapters in the pool at once")
+    p.add_argument("--max-adapters-per-batch", type=int, default=None,
+                   help="distinct adapters running at once (1: adapter batching off)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,7 +97,7 @@ def serve_config(args: argparse.Namespace) -> "ServeConfig":
         args.model, device=args.device, dtype=args.dtype, pool_bytes=args.pool_mib * 2**20,
         max_rank=args.max_rank, max_resident_adapters=args.max_resident_adapters,
         max_batched_tokens=args.max_batched_tokens, max_num_seqs=args.max_num_seqs,
-        host=args.host, port=args.port, served_model_name=args.served_model_name,
+        max_adapters_per_batch=args.max_adapters_per_batch, host=args.host, port=args.port, served_model_name=args.served_model_name,
         adapters=tuple((n, Path(p)) for n, p in args.adapter),
         adapter_dirs=tuple(args.adapter_dir),
         adapter_store=None if args.no_uploads else (args.adapter_store or default_store_dir()),

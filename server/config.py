@@ -57,11 +57,13 @@ class ServeConfig:
                    pool_bytes: int = 512 * 2**20, num_pages: int | None = None,
                    max_rank: int = 64, max_resident_adapters: int = 64,
                    max_batched_tokens: int = 2048, max_num_seqs: int = 256,
+                   max_adapters_per_batch: int | None = None,
                    **serve: object) -> ServeConfig:
         memory = MemoryConfig(pool_bytes=pool_bytes, num_pages=num_pages, max_rank=max_rank,
                               max_resident_adapters=max_resident_adapters)
         scheduler = SchedulerConfig(max_num_batched_tokens=max_batched_tokens,
-                                    max_num_seqs=max_num_seqs)
+                                    max_num_seqs=max_num_seqs,
+                                    max_adapters_per_batch=max_adapters_per_batch)
         engine = EngineConfig(model=model, dtype=dtype, device=device, memory=memory,
                               scheduler=scheduler)
         return ServeConfig(engine=engine, **serve)  # type: ignore[arg-type]

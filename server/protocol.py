@@ -107,6 +107,10 @@ class AdapterPathBody(_Body):
     shared: StrictBool | None = None
 
 
+class ShareBody(_Body):
+    shared: StrictBool
+
+
 class VllmLoadBody(_Body):
     lora_name: StrictStr
     lora_path: StrictStr

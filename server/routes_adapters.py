@@ -20,7 +20,7 @@ from loraplex.scheduler.errors import UnknownAdapterError
 from loraplex.server.auth import Tenant, check_adapter_limit
 from loraplex.server.catalog import CatalogEntry
 from loraplex.server.errors import BadRequestError, ConflictError
-from loraplex.server.protocol import AdapterPathBody, VllmLoadBody, VllmUnloadBody
+from loraplex.server.protocol import AdapterPathBody, ShareBody, VllmLoadBody, VllmUnloadBody
 from loraplex.server.state import ServerState, get_state, get_tenant
 from loraplex.server.store import ADAPTER_FILES, UploadTooLargeError, check_name, is_allowed_path
 
@@ -180,6 +180,22 @@ async def replace_adapter(name: str, request: Request, state: ServerState = Depe
     state.prune_candidates.add((new.owner, new.name))
     await state.housekeeping()
     return await _info(state, new)
+
+
+@router.patch("/v1/adapters/{name:path}")
+async def share_adapter(name: str, body: ShareBody, state: ServerState = Depends(get_state),
+                        tenant: Tenant = Depends(get_tenant)):
+    """An admin marks a stored adapter shared (every tenant may use it) or private again."""
+    if not tenant.is_admin:
+        raise BadRequestError("only an admin may change whether an adapter is shared",
+                              param="shared")
+    async with state.admin_lock:
+        entry = state.catalog.find_own(tenant, name)
+        if entry.source != "store":
+            raise BadRequestError(f"adapter `{name}` is the operator's: it is always shared")
+        await asyncio.to_thread(state.store.set_shared, entry.owner, entry.name, body.shared)
+        entry.shared = body.shared
+    return await _info(state, entry)
 
 
 @router.delete("/v1/adapters/{name:path}")

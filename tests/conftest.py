@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -11,6 +13,9 @@ from loraplex.scheduler.engine import Engine, EngineConfig
 from tests.adapter_factory import make_hf_model, save_hf_model
 
 ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+TEST_DEVICE = os.environ.get("LORAPLEX_TEST_DEVICE", "cpu")
+"""Where engine tests run their engine (`cuda` on a GPU machine; the oracles stay on the CPU)."""
+TEST_DTYPE = os.environ.get("LORAPLEX_TEST_DTYPE", "float32")
 
 
 @pytest.fixture(scope="session")
@@ -31,9 +36,10 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory):
 def make_engine(model_dir, *, num_pages: int = 256, page_size: int = 16, max_rank: int = 64,
                 max_batched_tokens: int = 256, max_resident_adapters: int = 16,
                 max_num_seqs: int = 64, max_adapters_per_batch: int | None = None) -> Engine:
-    """An fp32 CPU engine over a tiny model folder (no tokenizer)."""
+    """An fp32 CPU engine over a tiny model folder (no tokenizer); LORAPLEX_TEST_DEVICE and
+    LORAPLEX_TEST_DTYPE move it (to check the CUDA/Triton path against the same oracles)."""
     return Engine(EngineConfig(
-        model=str(model_dir), dtype="float32", device="cpu", load_tokenizer=False,
+        model=str(model_dir), dtype=TEST_DTYPE, device=TEST_DEVICE, load_tokenizer=False,
         memory=MemoryConfig(page_size=page_size, num_pages=num_pages, max_rank=max_rank,
                             max_resident_adapters=max_resident_adapters),
         scheduler=SchedulerConfig(max_num_batched_tokens=max_batched_tokens,

@@ -29,7 +29,12 @@ def test_cuda_uses_triton_only_when_importable_and_not_forced_off(
 def test_pick_falls_back_to_the_reference_without_a_twin(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(dispatch, "has_triton", lambda: True)
     monkeypatch.delenv(dispatch.KERNELS_ENV, raising=False)
-    assert dispatch.pick(lora_shrink_ref, "cuda") is lora_shrink_ref
+
+    def orphan_ref() -> None:
+        """A reference that has no Triton twin anywhere."""
+
+    orphan_ref.__module__ = "loraplex.kernels.lora"
+    assert dispatch.pick(orphan_ref, "cuda") is orphan_ref
 
 
 def test_pick_finds_the_triton_twin(monkeypatch: pytest.MonkeyPatch) -> None:

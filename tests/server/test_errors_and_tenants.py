@@ -184,3 +184,19 @@ def test_limits_answer_429(guarded, adapter_root):
             break
         time.sleep(0.1)
     assert ok.status_code == 200
+
+
+def test_admin_shares_an_adapter(guarded, adapter_root):
+    url = guarded.url
+    assert upload(url, "to-share", adapter_root / "lora1", **auth("bob")).status_code == 201
+    body = {"model": "to-share", "prompt": "hi", "max_tokens": 2}
+    error_of(httpx.post(f"{url}/v1/completions", headers=auth("alice"), json=body), 404)
+    error_of(httpx.patch(f"{url}/v1/adapters/to-share", headers=auth("bob"),
+                         json={"shared": True}), 400)  # only an admin shares
+    shared = httpx.patch(f"{url}/v1/adapters/bob/to-share", headers=auth("root"),
+                         json={"shared": True})
+    assert shared.status_code == 200 and shared.json()["shared"] is True
+    assert httpx.post(f"{url}/v1/completions", headers=auth("alice"), json=body
+                      ).status_code == 200
+    httpx.patch(f"{url}/v1/adapters/bob/to-share", headers=auth("root"), json={"shared": False})
+    error_of(httpx.post(f"{url}/v1/completions", headers=auth("alice"), json=body), 404)

@@ -1,0 +1,159 @@
+"""Triton twins of `write_kv_ref` and `paged_attention_ref` (prefill, chunked prefill and decode).
+
+Attention: one program per (block of queries of one sequence, KV head) holds the queries of all
+the head's GQA group as the rows of one tile and walks the context's keys through the block
+table with an fp32 online softmax (FlashAttention's recurrence). Imports triton; loaded only
+by `kernels.dispatch`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _write_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slots_ptr, page_size, num_kv_heads,
+                     head_dim, stride_kt, stride_kh, stride_vt, stride_vh, stride_c0, stride_c1,
+                     stride_c2, stride_c3, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Token t's K and V rows ([H_kv, D]) into page slot // page_size, offset slot % page_size."""
+    t = tl.program_id(0)
+    slot = tl.load(slots_ptr + t)
+    if slot >= 0:
+        slot = slot.to(tl.int64)  # page · stride passes 2³¹ in a real pool
+        page, offset = slot // page_size, slot % page_size
+        heads, dims = tl.arange(0, BLOCK_H), tl.arange(0, BLOCK_D)
+        mask = (heads < num_kv_heads)[:, None] & (dims < head_dim)[None, :]
+        dst = page * stride_c0 + offset * stride_c1 + heads[:, None] * stride_c2 \
+            + dims[None, :] * stride_c3
+        k = tl.load(k_ptr + t * stride_kt + heads[:, None] * stride_kh + dims[None, :], mask=mask)
+        v = tl.load(v_ptr + t * stride_vt + heads[:, None] * stride_vh + dims[None, :], mask=mask)
+        tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+def write_kv_triton(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor,
+                    v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Triton twin of `write_kv_ref` (same semantics and signature; caches in place)."""
+    num_tokens, num_kv_heads, head_dim = k.shape
+    if num_tokens == 0:
+        return
+    assert k_cache.stride() == v_cache.stride(), "k_cache and v_cache views must share strides"
+    k = k if k.stride(2) == 1 else k.contiguous()
+    v = v if v.stride(2) == 1 else v.contiguous()
+    _write_kv_kernel[(num_tokens,)](
+        k, v, k_cache, v_cache, slot_mapping, k_cache.shape[1], num_kv_heads, head_dim,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1), *k_cache.stride(),
+        BLOCK_H=triton.next_power_of_2(num_kv_heads), BLOCK_D=triton.next_power_of_2(head_dim),
+        num_warps=4)
+
+
+@triton.jit
+def _attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr,
+                      context_lens_ptr, query_start_ptr, block_seq_ptr, block_first_ptr,
+                      qk_scale, num_seqs, page_size, head_dim, stride_qt, stride_qh,
+                      stride_ot, stride_oh, stride_bt, stride_c0, stride_c1, stride_c2,
+                      GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    """BLOCK_M queries × GROUP heads of one sequence against one KV head's pages."""
+    p, kv_head = tl.program_id(0), tl.program_id(1)
+    b = tl.load(block_seq_ptr + p)
+    if b < num_seqs:
+        j = p - tl.load(block_first_ptr + b)
+        q_start = tl.load(query_start_ptr + b)
+        num_queries = tl.load(query_start_ptr + b + 1) - q_start
+        context_len = tl.load(context_lens_ptr + b)
+        # Row i of the tile: query j·BLOCK_M + i // BLOCK_G, head kv_head·GROUP + i % BLOCK_G.
+        rows = tl.arange(0, BLOCK_M * BLOCK_G)
+        query = j * BLOCK_M + rows // BLOCK_G
+        head = kv_head * GROUP + rows % BLOCK_G
+        row_mask = (query < num_queries) & (rows % BLOCK_G < GROUP)
+        position = context_len - num_queries + query  # causal limit of each row
+        dims = tl.arange(0, BLOCK_D)
+        dim_mask = dims < head_dim
+        q = tl.load(q_ptr + (q_start + query)[:, None] * stride_qt + head[:, None] * stride_qh
+                    + dims[None, :], mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
+        m_i = tl.full([BLOCK_M * BLOCK_G], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M * BLOCK_G], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M * BLOCK_G, BLOCK_D], dtype=tl.float32)
+        last_query = tl.minimum((j + 1) * BLOCK_M, num_queries) - 1
+        num_keys = tl.minimum(context_len, context_len - num_queries + last_query + 1)
+        for start in range(0, num_keys, BLOCK_N):
+            keys = start + tl.arange(0, BLOCK_N)
+            key_mask = keys < num_keys
+            page = tl.load(block_tables_ptr + b * stride_bt + keys // page_size, mask=key_mask,
+                           other=0).to(tl.int64)  # page · stride passes 2³¹ in a real pool
+            kv_off = page * stride_c0 + (keys % page_size) * stride_c1 + kv_head * stride_c2
+            kv_mask = key_mask[:, None] & dim_mask[None, :]
+            k = tl.load(k_cache_ptr + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # log2 units
+            allowed = (keys[None, :] <= position[:, None]) & key_mask[None, :]
+            s = tl.where(allowed, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
+            alpha = tl.exp2(m_i - m_safe)
+            probs = tl.exp2(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(probs, axis=1)
+            v = tl.load(v_cache_ptr + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(out_ptr + (q_start + query)[:, None] * stride_ot + head[:, None] * stride_oh
+                 + dims[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=row_mask[:, None] & dim_mask[None, :])
+
+
+def _query_blocks(query_start_loc: torch.Tensor, num_tokens: int,
+                  block_m: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(sequence of each program, first program of each sequence, number of programs).
+
+    cdiv(T, BLOCK_M) + B programs bound Σ cdiv(n_b, BLOCK_M) without a host sync.
+    """
+    starts = query_start_loc.long()
+    num_blocks = (starts[1:] - starts[:-1] + block_m - 1) // block_m
+    block_end = torch.cumsum(num_blocks, 0)
+    grid = triton.cdiv(num_tokens, block_m) + num_blocks.shape[0]
+    programs = torch.arange(grid, device=starts.device)
+    return torch.searchsorted(block_end, programs, right=True), block_end - num_blocks, grid
+
+
+def attention_into(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor,
+                   v_cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
+                   query_start_loc: torch.Tensor, sm_scale: float, block_n: int = 64,
+                   rows: int | None = None) -> None:
+    """paged_attention_ref's result written into out [T, H_q, D] (every query row is written)."""
+    num_tokens, num_heads, head_dim = q.shape
+    num_seqs, num_kv_heads = context_lens.shape[0], k_cache.shape[2]
+    if num_tokens == 0 or num_seqs == 0:
+        return
+    assert k_cache.stride() == v_cache.stride(), "k_cache and v_cache views must share strides"
+    assert k_cache.stride(3) == 1 and q.stride(2) == 1 and out.stride(2) == 1, "head_dim strided"
+    group = num_heads // num_kv_heads
+    block_g = triton.next_power_of_2(group)
+    # Decode-only batches (T == B): one query per program; the tile still needs 16 rows.
+    rows = rows or (16 if num_tokens == num_seqs else 64)
+    block_m = max(1, rows // block_g)
+    block_seq, block_first, grid = _query_blocks(query_start_loc, num_tokens, block_m)
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    block_tables = block_tables if block_tables.stride(1) == 1 else block_tables.contiguous()
+    _attention_kernel[(grid, num_kv_heads)](
+        q, k_cache, v_cache, out, block_tables, context_lens, query_start_loc, block_seq,
+        block_first, sm_scale * math.log2(math.e), num_seqs, k_cache.shape[1], head_dim,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), GROUP=group, BLOCK_G=block_g,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        PRECISION=precision, num_warps=4)
+
+
+def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, context_lens: torch.Tensor,
+                           query_start_loc: torch.Tensor, sm_scale: float) -> torch.Tensor:
+    """Triton twin of `paged_attention_ref` (same semantics and signature)."""
+    q = q if q.stride(2) == 1 else q.contiguous()
+    out = torch.zeros_like(q, memory_format=torch.contiguous_format)
+    attention_into(out, q, k_cache, v_cache, block_tables, context_lens, query_start_loc,
+                   sm_scale)
+    return out

@@ -1,0 +1,571 @@
+"""Every Triton twin against its torch reference (the references have loop oracles elsewhere).
+
+With CUDA the tests run here, at small and at Llama-3-8B shapes, in fp32, fp16 and bf16. Without
+it they run under Triton's interpreter at small shapes in fp32 and fp16 (it does no bf16), in a
+child pytest started with TRITON_INTERPRET=1: the interpreter must be on before `triton` is first
+imported, and torch imports it early (torch._dynamo, via transformers), so setting it in this
+process would come too late and would leak into other modules. Outputs are poisoned (NaN) first.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import subprocess
+import sys
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from loraplex.kernels import dispatch  # noqa: E402
+from loraplex.kernels.attention import paged_attention_ref, write_kv_ref  # noqa: E402
+from loraplex.kernels.dora import dora_scale_ref  # noqa: E402
+from loraplex.kernels.lora import (  # noqa: E402
+    lora_expand,
+    lora_expand_ref,
+    lora_expand_segments,
+    lora_expand_segments_ref,
+    lora_shrink_ref,
+    lora_shrink_segments_ref,
+)
+from loraplex.kernels.shira import shira_gather_ref  # noqa: E402
+
+ON_CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if ON_CUDA else "cpu")
+INTERPRET = "TRITON_INTERPRET"
+RUN_HERE = ON_CUDA or os.environ.get(INTERPRET) == "1"
+
+if RUN_HERE:
+    from loraplex.kernels import attention_triton as attn_t  # noqa: E402
+    from loraplex.kernels import dora_triton as dora_t  # noqa: E402
+    from loraplex.kernels import lora_triton as lora_t  # noqa: E402
+    from loraplex.kernels import shira_triton as shira_t  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _exact_fp32_references(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """fp32 references on CUDA without tf32 (the 1e-4 contract)."""
+    if ON_CUDA:
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    yield
+
+
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_CUDA else [])
+REL_TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One size of the LoRA grid: d_in, the d_out of each slice, tokens, slots and their ranks."""
+
+    name: str
+    d_in: int
+    d_outs: tuple[int, ...]
+    num_tokens: int
+    ranks: tuple[int, ...]
+
+
+SMALL = Shape("small", 48, (40, 16, 24), 12, (1, 7, 8, 16, 128, 8, 1, 16))
+REAL = Shape("llama3_8b", 4096, (4096, 1024, 1024), 64,
+             tuple([8, 16, 32, 64] * 8 + [1, 7, 128, 16]))
+SHAPES = [SMALL] + ([REAL] if ON_CUDA else [])
+
+
+def gen_for(*key: object) -> torch.Generator:
+    """A generator seeded from the test's parameters (stable across processes)."""
+    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """‖got − want‖ / ‖want‖ over the finite entries of want; inf when NaNs disagree."""
+    got, want = got.double().cpu(), want.double().cpu()
+    if not torch.equal(torch.isnan(got), torch.isnan(want)):
+        return float("inf")
+    finite = ~torch.isnan(want)
+    diff = (got[finite] - want[finite]).norm()
+    return float(diff / want[finite].norm().clamp(min=1e-30))
+
+
+def assert_close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
+    err = rel_err(got, want)
+    assert err <= REL_TOL[dtype], f"relative error {err:.3g} > {REL_TOL[dtype]} ({dtype})"
+
+
+# ---- LoRA pools -----------------------------------------------------------------------------------
+
+def make_lora_pool(shape: Shape, dtype: torch.dtype, aligned: bool, gen: torch.Generator,
+                   num_slices: int = 1) -> dict:
+    """A NaN-filled pool holding, per slice and slot, A rows and Bᵀ rows in shuffled cells.
+
+    Unaligned offsets start a row at a random element (no 16-byte alignment); garbage offsets
+    past each rank (far out of range, negative) must never be read; g rows for DoRA slots.
+    """
+    width = max(shape.d_in, *shape.d_outs)
+    cell = -(-(width + 8) // 8) * 8
+    rank_sum = sum(shape.ranks)
+    num_cells = num_slices * (2 * rank_sum + len(shape.ranks)) + 5
+    pool = torch.full((cell * num_cells,), float("nan"), dtype=dtype)
+    cells = iter((torch.randperm(num_cells, generator=gen) * cell).tolist())
+    num_slots, max_rank = len(shape.ranks), max(shape.ranks)
+    a_rows = torch.full((num_slices, num_slots, max_rank), 10**12, dtype=torch.int64)
+    b_rows = torch.full((num_slices, num_slots, max_rank), -7, dtype=torch.int64)
+    g_rows = torch.full((num_slices, num_slots), -1, dtype=torch.int64)
+
+    def put(length: int) -> int:
+        offset = next(cells) + (0 if aligned else int(torch.randint(1, 8, (1,), generator=gen)))
+        pool[offset:offset + length] = (torch.randn(length, generator=gen) * 0.5).to(dtype)
+        return offset
+
+    for n in range(num_slices):
+        for s, r in enumerate(shape.ranks):
+            a_rows[n, s, :r] = torch.tensor([put(shape.d_in) for _ in range(r)])
+            b_rows[n, s, :r] = torch.tensor([put(shape.d_outs[n]) for _ in range(r)])
+            if s % 3 != 1:  # DoRA slots among plain LoRA ones
+                g_rows[n, s] = next(cells) + (0 if aligned else 3)
+                pool[g_rows[n, s]:g_rows[n, s] + shape.d_outs[n]] = (
+                    torch.rand(shape.d_outs[n], generator=gen) + 0.5).to(dtype)
+    ranks = torch.tensor(shape.ranks, dtype=torch.int64).repeat(num_slices, 1)
+    if num_slices > 1:
+        ranks[1, 2] = 0  # a module this slot does not adapt (but DoRA's g still applies)
+    to = dict(device=DEVICE)
+    return dict(pool=pool.to(**to), a_rows=a_rows.to(**to), b_rows=b_rows.to(**to),
+                ranks=ranks.to(**to), g_rows=g_rows.to(**to),
+                scales=(torch.rand(num_slices, num_slots, generator=gen) + 0.5).to(**to))
+
+
+def make_token_slots(num_tokens: int, num_slots: int, popularity: str,
+                     gen: torch.Generator) -> torch.Tensor:
+    """[T] slots: distinct / uniform / skewed (one hot adapter), about 30% without adapter."""
+    if popularity == "distinct":
+        slots = torch.arange(num_tokens) % num_slots
+        slots = slots[torch.randperm(num_tokens, generator=gen)]
+    elif popularity == "uniform":
+        slots = torch.randint(0, num_slots, (num_tokens,), generator=gen)
+    else:
+        slots = torch.full((num_tokens,), 4)
+        slots[torch.randperm(num_tokens, generator=gen)[:3]] = torch.tensor([0, 1, 3])
+    slots[torch.rand(num_tokens, generator=gen) < 0.3] = -1
+    return slots.long().to(DEVICE)
+
+
+def poisoned_out(num_tokens: int, d_out: int, dtype: torch.dtype, token_slots: torch.Tensor,
+                 gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(wide, out): out a column slice of `wide`; random, NaN on tokens without adapter and in
+    the columns around the slice (which must stay untouched)."""
+    wide = torch.full((num_tokens, d_out + 8), float("nan"), dtype=dtype)
+    wide[:, 3:3 + d_out] = torch.randn(num_tokens, d_out, generator=gen).to(dtype)
+    wide = wide.to(DEVICE)
+    wide[token_slots < 0] = float("nan")
+    return wide, wide[:, 3:3 + d_out]
+
+
+def x_for(num_tokens: int, d_in: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    return torch.randn(num_tokens, d_in, generator=gen).to(dtype).to(DEVICE)
+
+
+# ---- LoRA decode ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s.name)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("popularity,aligned", [("distinct", True), ("uniform", False),
+                                                 ("skewed", True)])
+def test_decode_shrink_expand_match_reference(shape: Shape, dtype: torch.dtype, popularity: str,
+                                              aligned: bool) -> None:
+    gen = gen_for("decode", shape.name, dtype, popularity)
+    p = make_lora_pool(shape, dtype, aligned, gen)
+    slots = make_token_slots(shape.num_tokens, len(shape.ranks), popularity, gen)
+    x = x_for(shape.num_tokens, shape.d_in, dtype, gen)
+    a_rows, b_rows, ranks, scales = p["a_rows"][0], p["b_rows"][0], p["ranks"][0], p["scales"][0]
+
+    want_h = lora_shrink_ref(x, p["pool"], a_rows, ranks, slots)
+    h = torch.full((1, *want_h.shape), float("nan"), device=DEVICE)
+    lora_t.shrink_into(h, x, p["pool"], a_rows[None], ranks[None], slots)
+    assert_close(h[0], want_h, torch.float32)
+    assert_close(lora_t.lora_shrink_triton(x, p["pool"], a_rows, ranks, slots), want_h,
+                 torch.float32)
+
+    d_out = shape.d_outs[0]
+    wide, out = poisoned_out(shape.num_tokens, d_out, dtype, slots, gen)
+    want_wide = wide.clone()
+    lora_expand_ref(want_h, p["pool"], b_rows, ranks, scales, slots, want_wide[:, 3:3 + d_out])
+    assert rel_err(want_wide, wide) > 20 * REL_TOL[dtype], "the adapters must matter"
+    lora_t.lora_expand_triton(want_h, p["pool"], b_rows, ranks, scales, slots, out)
+    assert_close(wide, want_wide, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_decode_split_k_shrink_adds_up(dtype: torch.dtype) -> None:
+    """Small batches split d_in over programs (atomics into a zeroed h)."""
+    shape = SMALL if not ON_CUDA else REAL
+    gen = gen_for("split", dtype)
+    p = make_lora_pool(shape, dtype, True, gen)
+    slots = make_token_slots(5, len(shape.ranks), "uniform", gen)
+    x = x_for(5, shape.d_in, dtype, gen)
+    want = lora_shrink_ref(x, p["pool"], p["a_rows"][0], p["ranks"][0], slots)
+    h = torch.zeros((1, *want.shape), device=DEVICE)
+    lora_t.shrink_into(h, x, p["pool"], p["a_rows"][:1], p["ranks"][:1], slots, split_k=4,
+                       block_k=16)
+    assert_close(h[0], want, torch.float32)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s.name)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fused_slices_with_dora_epilogue(shape: Shape, dtype: torch.dtype) -> None:
+    """q|k|v in one launch each for shrink and expand, DoRA's g fused, vs per-slice references."""
+    gen = gen_for("slices", shape.name, dtype)
+    p = make_lora_pool(shape, dtype, False, gen, num_slices=3)
+    slots = make_token_slots(shape.num_tokens, len(shape.ranks), "uniform", gen)
+    x = x_for(shape.num_tokens, shape.d_in, dtype, gen)
+    h = lora_t.lora_shrink_slices_triton(x, p["pool"], p["a_rows"], p["ranks"], slots)
+    total = sum(shape.d_outs)
+    wide, out = poisoned_out(shape.num_tokens, total, dtype, slots, gen)
+    want_wide = wide.clone()
+    start = 3
+    for n, d_out in enumerate(shape.d_outs):
+        want_h = lora_shrink_ref(x, p["pool"], p["a_rows"][n], p["ranks"][n], slots)
+        assert_close(h[n], want_h, torch.float32)
+        want_out = want_wide[:, start:start + d_out]
+        lora_expand_ref(want_h, p["pool"], p["b_rows"][n], p["ranks"][n], p["scales"][n], slots,
+                        want_out)
+        dora_scale_ref(want_out, p["pool"], p["g_rows"][n], slots)
+        start += d_out
+    lora_t.lora_expand_slices_triton(h, p["pool"], p["b_rows"], p["ranks"], p["scales"], slots,
+                                     out, shape.d_outs, g_rows=p["g_rows"])
+    assert_close(wide, want_wide, dtype)
+
+
+# ---- LoRA prefill (segments) ----------------------------------------------------------------------
+
+def make_segments(lengths: list[int], seg_slots: list[int], lead: int,
+                  ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(seg_starts [G+1], seg_slots [G], T): `lead` tokens before the first segment and 2 after
+    the last lie outside every segment."""
+    starts = [lead]
+    for n in lengths:
+        starts.append(starts[-1] + n)
+    return (torch.tensor(starts, device=DEVICE), torch.tensor(seg_slots, device=DEVICE),
+            starts[-1] + 2)
+
+
+SEGMENT_CASES = {
+    # lengths 1 … 300, an empty segment, a segment without adapter (slot -1), repeated slots
+    "mixed": ([1, 5, 0, 17, 3, 2, 33], [3, 0, 2, -1, 4, 3, 7]),
+    "long": ([300, 1, 2], [4, 5, -1]),
+    "one_token_each": ([1] * 6, [0, 1, 2, 3, -1, 5]),
+}
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s.name)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(SEGMENT_CASES))
+def test_segments_shrink_expand_match_reference(shape: Shape, dtype: torch.dtype,
+                                                case: str) -> None:
+    lengths, slot_list = SEGMENT_CASES[case]
+    if case == "long" and shape is SMALL:  # the 300-token segment in a cheap shape
+        shape = Shape("cheap", 16, (24,), 0, (1, 7, 8, 16, 64, 8))
+    gen = gen_for("segments", shape.name, dtype, case)
+    p = make_lora_pool(shape, dtype, case != "mixed", gen)
+    seg_starts, seg_slots, num_tokens = make_segments(lengths, slot_list, lead=1)
+    x = x_for(num_tokens, shape.d_in, dtype, gen)
+    a_rows, b_rows, ranks, scales = p["a_rows"][0], p["b_rows"][0], p["ranks"][0], p["scales"][0]
+
+    want_h = lora_shrink_segments_ref(x, p["pool"], a_rows, ranks, seg_starts, seg_slots)
+    h = torch.full((1, *want_h.shape), float("nan"), device=DEVICE)
+    lora_t.shrink_segments_into(h, x, p["pool"], a_rows[None], ranks[None], seg_starts, seg_slots)
+    inside = slice(int(seg_starts[0]), int(seg_starts[-1]))  # outside: left as the caller had it
+    assert_close(h[0, inside], want_h[inside], torch.float32)
+    got_h = lora_t.lora_shrink_segments_triton(x, p["pool"], a_rows, ranks, seg_starts, seg_slots)
+    assert_close(got_h, want_h, torch.float32)
+
+    d_out = shape.d_outs[0]
+    token_slots = torch.full((num_tokens,), -1, dtype=torch.int64, device=DEVICE)
+    for g, (lo, hi) in enumerate(zip(seg_starts[:-1].tolist(), seg_starts[1:].tolist())):
+        token_slots[lo:hi] = int(seg_slots[g])
+    for g_rows in (None, p["g_rows"][0]):
+        wide, out = poisoned_out(num_tokens, d_out, dtype, token_slots, gen)
+        want_wide = wide.clone()
+        want_out = want_wide[:, 3:3 + d_out]
+        lora_expand_segments_ref(want_h, p["pool"], b_rows, ranks, scales, seg_starts, seg_slots,
+                                 want_out)
+        if g_rows is not None:
+            dora_scale_ref(want_out, p["pool"], g_rows, token_slots)
+        lora_t.lora_expand_segments_triton(want_h, p["pool"], b_rows, ranks, scales, seg_starts,
+                                           seg_slots, out, g_rows=g_rows)
+        assert_close(wide, want_wide, dtype)
+
+
+# ---- DoRA, SHiRA -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("d_out", [40] + ([14336] if ON_CUDA else []))
+def test_dora_scale_matches_reference(dtype: torch.dtype, d_out: int) -> None:
+    gen = gen_for("dora", dtype, d_out)
+    pool = (torch.rand(d_out * 12, generator=gen) + 0.5).to(dtype).to(DEVICE)
+    g_rows = (torch.randperm(10, generator=gen)[:6] * d_out + 3).to(DEVICE)
+    g_rows[[2, 4]] = -1
+    slots = make_token_slots(20, 6, "uniform", gen)
+    wide, out = poisoned_out(20, d_out, dtype, slots, gen)
+    want = wide.clone()
+    dora_scale_ref(want[:, 3:3 + d_out], pool, g_rows, slots)
+    dora_t.dora_scale_triton(out, pool, g_rows, slots)
+    assert_close(wide, want, dtype)
+
+
+def make_shira(d_in: int, d_out: int, nnz: list[int], dtype: torch.dtype,
+               gen: torch.Generator) -> dict:
+    """Pool with each slot's value rows and int32 position rows (W = d_in + d_out) in shuffled
+    cells, positions repeated on purpose (duplicates add)."""
+    width = d_in + d_out
+    elem = torch.tensor([], dtype=dtype).element_size()
+    max_rows = max(-(-n // width) for n in nnz)
+    cell_bytes = width * 4 + 16
+    num_cells = 2 * len(nnz) * max_rows + 4
+    pool = torch.full((num_cells * cell_bytes // elem,), float("nan"), dtype=dtype)
+    pool_i32 = pool.view(torch.int32)
+    cells = iter((torch.randperm(num_cells, generator=gen) * cell_bytes).tolist())
+    value_rows = torch.full((len(nnz), max_rows), 10**12, dtype=torch.int64)
+    index_rows = torch.full((len(nnz), max_rows), -3, dtype=torch.int64)
+    for s, n in enumerate(nnz):
+        values = torch.randn(n, generator=gen).to(dtype)
+        positions = torch.randint(0, d_out * d_in, (n,), generator=gen, dtype=torch.int32)
+        positions[n // 2:n // 2 + min(3, n // 2)] = positions[:min(3, n // 2)]
+        for r in range(-(-n // width)):
+            value_rows[s, r] = next(cells) // elem + r % 3
+            index_rows[s, r] = next(cells) // 4 + r % 3
+            k = slice(r * width, min(n, (r + 1) * width))
+            pool[value_rows[s, r]:value_rows[s, r] + k.stop - k.start] = values[k]
+            pool_i32[index_rows[s, r]:index_rows[s, r] + k.stop - k.start] = positions[k]
+    to = dict(device=DEVICE)
+    pool = pool.to(**to)
+    return dict(pool=pool, pool_i32=pool.view(torch.int32), value_rows=value_rows.to(**to),
+                index_rows=index_rows.to(**to), nnz=torch.tensor(nnz, **to),
+                scales=(torch.rand(len(nnz), generator=gen) + 0.5).to(**to))
+
+
+SHIRA_SHAPES = [(16, 24, [1, 39, 40, 85, 160, 37])] + (
+    [(4096, 4096, [167_772, 40_000, 8191, 1])] if ON_CUDA else [])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("d_in,d_out,nnz", SHIRA_SHAPES, ids=lambda v: str(v)[:12])
+def test_shira_gather_matches_reference(dtype: torch.dtype, d_in: int, d_out: int,
+                                        nnz: list[int]) -> None:
+    gen = gen_for("shira", dtype, d_in)
+    p = make_shira(d_in, d_out, nnz, dtype, gen)
+    slots = make_token_slots(20, len(nnz), "uniform", gen)
+    x = x_for(20, d_in, dtype, gen)
+    wide, out = poisoned_out(20, d_out, dtype, slots, gen)
+    want = wide.clone()
+    args = (p["pool"], p["pool_i32"], p["value_rows"], p["index_rows"], p["nnz"], p["scales"],
+            slots)
+    shira_gather_ref(x, *args, want[:, 3:3 + d_out])
+    assert rel_err(want, wide) > 20 * REL_TOL[dtype], "the adapters must matter"
+    shira_t.shira_gather_triton(x, *args, out)
+    assert_close(wide, want, dtype)
+
+
+# ---- K/V write and paged attention ----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class AttentionCase:
+    name: str
+    context_lens: tuple[int, ...]
+    query_lens: tuple[int, ...]
+    heads: tuple[int, int]  # (H_q, H_kv)
+    head_dim: int
+    page_size: int
+
+
+ATTENTION_CASES = [
+    AttentionCase("decode_gqa", (5, 17, 1, 33), (1, 1, 1, 1), (8, 2), 16, 16),
+    AttentionCase("prefill_mha", (7, 16, 3), (7, 16, 3), (4, 4), 32, 16),
+    AttentionCase("chunked_mqa", (20, 9), (6, 4), (4, 1), 16, 8),
+    AttentionCase("mixed_gqa3", (40, 1, 13, 8, 5), (40, 1, 5, 1, 0), (6, 2), 24, 16),
+    AttentionCase("long_prefill", (300,), (300,), (2, 1), 16, 16),
+] + ([
+    AttentionCase("llama3_decode", tuple(range(200, 200 + 64 * 31, 31)), (1,) * 64, (32, 8),
+                  128, 16),
+    AttentionCase("llama3_prefill", (1000, 300, 77, 2048), (1000, 300, 1, 513), (32, 8), 128,
+                  16),
+] if ON_CUDA else [])
+
+
+def make_kv(case: AttentionCase, dtype: torch.dtype, gen: torch.Generator) -> dict:
+    """All layers' K/V pages in one tensor (caches are strided views), pages out of order,
+    unused pages NaN (a read past a context fails)."""
+    num_q_heads, num_kv_heads = case.heads
+    pages_per_seq = [-(-c // case.page_size) for c in case.context_lens]
+    num_pages = sum(pages_per_seq) + 3
+    pool = torch.full((num_pages, 2, 2, case.page_size, num_kv_heads, case.head_dim),
+                      float("nan"), dtype=dtype)
+    order = torch.randperm(num_pages, generator=gen).tolist()
+    block_tables = torch.zeros((len(pages_per_seq), max(pages_per_seq)), dtype=torch.int32)
+    for b, n in enumerate(pages_per_seq):
+        block_tables[b, :n] = torch.tensor([order.pop() for _ in range(n)])
+        for j in range(case.context_lens[b]):
+            page, offset = int(block_tables[b, j // case.page_size]), j % case.page_size
+            pool[page, 1, :, offset] = torch.randn(2, num_kv_heads, case.head_dim,
+                                                   generator=gen).to(dtype)
+    starts = torch.tensor([0, *torch.tensor(case.query_lens).cumsum(0).tolist()],
+                          dtype=torch.int32)
+    pool = pool.to(DEVICE)
+    return dict(k_cache=pool[:, 1, 0], v_cache=pool[:, 1, 1],
+                q=torch.randn(int(starts[-1]), num_q_heads, case.head_dim,
+                              generator=gen).to(dtype).to(DEVICE),
+                block_tables=block_tables.to(DEVICE),
+                context_lens=torch.tensor(case.context_lens, dtype=torch.int32, device=DEVICE),
+                query_start_loc=starts.to(DEVICE))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: c.name)
+def test_paged_attention_matches_reference(case: AttentionCase, dtype: torch.dtype) -> None:
+    gen = gen_for("attention", case.name, dtype)
+    b = make_kv(case, dtype, gen)
+    args = (b["q"], b["k_cache"], b["v_cache"], b["block_tables"], b["context_lens"],
+            b["query_start_loc"], case.head_dim ** -0.5)
+    want = paged_attention_ref(*args)
+    out = torch.full_like(b["q"], float("nan"))
+    attn_t.attention_into(out, *args)
+    assert_close(out, want, dtype)
+    assert_close(attn_t.paged_attention_triton(*args), want, dtype)
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="needs a 4 GiB pool")
+def test_paged_attention_and_write_kv_past_2_31_elements() -> None:
+    """Page offsets past 2³¹ elements (a real pool: 1 Mi-element pages) need 64-bit pointers."""
+    page_stride, page_size, heads, dim = 2**30 + 512, 16, 2, 32
+    buffer = torch.empty(2 * page_stride + page_size * heads * dim, dtype=torch.bfloat16,
+                         device=DEVICE)
+    cache = buffer.as_strided((3, page_size, heads, dim), (page_stride, heads * dim, dim, 1))
+    cache.normal_()
+    k = torch.randn(3, heads, dim, device=DEVICE).to(torch.bfloat16)
+    slots = torch.tensor([2 * page_size + 5, 2 * page_size + 6, 7], device=DEVICE)
+    attn_t.write_kv_triton(cache, cache, k, k, slots)
+    assert torch.equal(cache[2, 5], k[0]) and torch.equal(cache[0, 7], k[2])
+    q = torch.randn(2, 4, dim, device=DEVICE).to(torch.bfloat16)
+    args = (q, cache, cache, torch.tensor([[2, 0], [0, 2]], dtype=torch.int32, device=DEVICE),
+            torch.tensor([20, 9], dtype=torch.int32, device=DEVICE),
+            torch.tensor([0, 1, 2], dtype=torch.int32, device=DEVICE), dim ** -0.5)
+    assert_close(attn_t.paged_attention_triton(*args), paged_attention_ref(*args),
+                 torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("heads,head_dim", [((2, 8)), ((3, 24))] + (
+    [((8, 128))] if ON_CUDA else []))
+def test_write_kv_matches_reference(dtype: torch.dtype, heads: int, head_dim: int) -> None:
+    gen = gen_for("write_kv", dtype, heads)
+    num_pages, page_size, num_tokens = 6, 4, 11
+    pool = torch.randn(num_pages, 2, 2, page_size, heads, head_dim, generator=gen).to(dtype)
+    pool = pool.to(DEVICE)
+    want_pool = pool.clone()
+    slots = torch.randperm(num_pages * page_size, generator=gen)[:num_tokens]
+    slots[[2, 7]] = -1
+    slots = slots.to(DEVICE)
+    k = torch.randn(num_tokens, heads, head_dim, generator=gen).to(dtype).to(DEVICE)
+    v = torch.randn(num_tokens, heads, head_dim, generator=gen).to(dtype).to(DEVICE)
+    write_kv_ref(want_pool[:, 1, 0], want_pool[:, 1, 1], k, v, slots)
+    attn_t.write_kv_triton(pool[:, 1, 0], pool[:, 1, 1], k, v, slots)
+    assert torch.equal(pool, want_pool)
+
+
+# ---- empty batches, dispatch ----------------------------------------------------------------------
+
+def test_empty_batches_launch_nothing_and_return_empty() -> None:
+    p = make_lora_pool(SMALL, torch.float32, True, gen_for("empty"))
+    a_rows, b_rows, ranks, scales = p["a_rows"][0], p["b_rows"][0], p["ranks"][0], p["scales"][0]
+    none = torch.zeros(0, dtype=torch.int64, device=DEVICE)
+    x = torch.zeros(0, SMALL.d_in, device=DEVICE)
+    out = torch.zeros(0, SMALL.d_outs[0], device=DEVICE)
+    assert lora_t.lora_shrink_triton(x, p["pool"], a_rows, ranks, none).shape == (0, 128)
+    lora_t.lora_expand_triton(torch.zeros(0, 128, device=DEVICE), p["pool"], b_rows, ranks,
+                              scales, none, out)
+    starts = torch.zeros(1, dtype=torch.int64, device=DEVICE)
+    assert lora_t.lora_shrink_segments_triton(x, p["pool"], a_rows, ranks, starts,
+                                              none).shape == (0, 128)
+    # Tokens present but no segment and no adapter: nothing written.
+    x3 = torch.randn(3, SMALL.d_in, device=DEVICE)
+    h = lora_t.lora_shrink_segments_triton(x3, p["pool"], a_rows, ranks, starts, none)
+    assert torch.equal(h, torch.zeros_like(h))
+    all_none = torch.full((3,), -1, dtype=torch.int64, device=DEVICE)
+    assert torch.equal(lora_t.lora_shrink_triton(x3, p["pool"], a_rows, ranks, all_none),
+                       torch.zeros(3, 128, device=DEVICE))
+    nan_out = torch.full((3, SMALL.d_outs[0]), float("nan"), device=DEVICE)
+    lora_t.lora_expand_triton(torch.randn(3, 128, device=DEVICE), p["pool"], b_rows, ranks,
+                              scales, all_none, nan_out, g_rows=p["g_rows"][0])
+    assert torch.isnan(nan_out).all()
+    dora_t.dora_scale_triton(out, p["pool"], p["g_rows"][0], none)
+    q = torch.zeros(0, 4, 16, device=DEVICE)
+    cache = torch.zeros(2, 4, 2, 16, device=DEVICE)
+    assert attn_t.paged_attention_triton(
+        q, cache, cache, torch.zeros(0, 1, dtype=torch.int32, device=DEVICE),
+        torch.zeros(0, dtype=torch.int32, device=DEVICE),
+        torch.zeros(1, dtype=torch.int32, device=DEVICE), 0.25).shape == (0, 4, 16)
+
+
+def test_public_expand_with_g_rows_equals_expand_then_dora_scale() -> None:
+    """The public g_rows option: fused on CUDA, reference expand + dora_scale elsewhere."""
+    shape = SMALL
+    gen = gen_for("public_g")
+    p = make_lora_pool(shape, torch.float32, False, gen)
+    slots = make_token_slots(shape.num_tokens, len(shape.ranks), "uniform", gen)
+    h = torch.randn(shape.num_tokens, max(shape.ranks), generator=gen).to(DEVICE)
+    args = (h, p["pool"], p["b_rows"][0], p["ranks"][0], p["scales"][0])
+    wide, out = poisoned_out(shape.num_tokens, shape.d_outs[0], torch.float32, slots, gen)
+    want_wide = wide.clone()
+    want = want_wide[:, 3:3 + shape.d_outs[0]]
+    lora_expand_ref(*args, slots, want)
+    dora_scale_ref(want, p["pool"], p["g_rows"][0], slots)
+    lora_expand(*args, slots, out, g_rows=p["g_rows"][0])
+    assert_close(wide, want_wide, torch.float32)
+
+    seg_starts, seg_slots, num_tokens = make_segments([3, 4, 1], [2, 0, 5], lead=1)
+    token_slots = torch.tensor([-1, 2, 2, 2, 0, 0, 0, 0, 5, -1, -1], device=DEVICE)
+    h = torch.randn(num_tokens, max(shape.ranks), generator=gen).to(DEVICE)
+    args = (h, p["pool"], p["b_rows"][0], p["ranks"][0], p["scales"][0], seg_starts, seg_slots)
+    wide, out = poisoned_out(num_tokens, shape.d_outs[0], torch.float32, token_slots, gen)
+    want_wide = wide.clone()
+    want = want_wide[:, 3:3 + shape.d_outs[0]]
+    lora_expand_segments_ref(*args, want)
+    dora_scale_ref(want, p["pool"], p["g_rows"][0], token_slots)
+    lora_expand_segments(*args, out, g_rows=p["g_rows"][0])
+    assert_close(wide, want_wide, torch.float32)
+
+
+def test_every_reference_has_a_triton_twin_with_its_signature() -> None:
+    refs = [lora_shrink_ref, lora_expand_ref, lora_shrink_segments_ref, lora_expand_segments_ref,
+            dora_scale_ref, shira_gather_ref, write_kv_ref, paged_attention_ref]
+    for ref in refs:
+        twin = dispatch.triton_twin(ref)
+        assert twin is not None, f"{ref.__name__} has no Triton twin"
+        ref_params = list(inspect.signature(ref).parameters)
+        twin_params = list(inspect.signature(twin).parameters)
+        assert twin_params[:len(ref_params)] == ref_params, twin.__name__
+        extra = [inspect.signature(twin).parameters[n] for n in twin_params[len(ref_params):]]
+        assert all(e.default is not inspect.Parameter.empty for e in extra), twin.__name__
+    if ON_CUDA:
+        assert dispatch.pick(lora_shrink_ref, DEVICE) is lora_t.lora_shrink_triton
+
+
+def test_interpreter_suite_in_child_process() -> None:
+    """Without CUDA: this module's tests under TRITON_INTERPRET=1 in a fresh interpreter."""
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, **{INTERPRET: "1"})
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__))],
+        cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+
+
+# Here only the driver above runs (without CUDA and interpreter); in the child, or on CUDA, all
+# tests but the driver run. Pytest collects what the module namespace holds after import.
+for _name in [n for n in globals() if n.startswith("test_")]:
+    if RUN_HERE == (_name == "test_interpreter_suite_in_child_process"):
+        del globals()[_name]
