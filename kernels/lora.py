@@ -49,15 +49,15 @@ class _LastGroups(threading.local):
 
     def __init__(self) -> None:
         self.key: tuple[torch.Tensor, int] | None = None
-        self.groups: TokenGroups | None = None
+        self.values: dict[Callable, object] = {}
 
-    def get(self, token_slots: torch.Tensor) -> TokenGroups | None:
+    def get(self, token_slots: torch.Tensor, fn: Callable[[torch.Tensor], object]) -> object:
         key = self.key
-        if key is not None and key[0] is token_slots and key[1] == token_slots._version:
-            return self.groups
-        self.groups = _group_tokens(token_slots)
-        self.key = (token_slots, token_slots._version)
-        return self.groups
+        if key is None or key[0] is not token_slots or key[1] != token_slots._version:
+            self.key, self.values = (token_slots, token_slots._version), {}
+        if fn not in self.values:
+            self.values[fn] = fn(token_slots)
+        return self.values[fn]
 
 
 _last_groups = _LastGroups()
@@ -65,7 +65,47 @@ _last_groups = _LastGroups()
 
 def group_tokens(token_slots: torch.Tensor) -> TokenGroups | None:
     """Bucket the tokens with `token_slots >= 0` by slot; None when no token has one."""
-    return _last_groups.get(token_slots)
+    return _last_groups.get(token_slots, _group_tokens)  # type: ignore[return-value]
+
+
+class DistinctSlots(NamedTuple):
+    tokens: torch.Tensor  # [V] int64 tokens that have an adapter
+    slots: torch.Tensor  # [G] int64 the distinct slots among them
+    inverse: torch.Tensor  # [V] int64 index into `slots` of each token's slot
+
+
+def _distinct_slots(token_slots: torch.Tensor) -> DistinctSlots | None:
+    tokens = torch.nonzero(token_slots >= 0).squeeze(1)
+    if tokens.shape[0] == 0:
+        return None
+    slots, inverse = torch.unique(token_slots[tokens].long(), return_inverse=True)
+    return DistinctSlots(tokens, slots, inverse)
+
+
+DENSE_LIMIT = 1 << 18
+"""Tokens × live rows under which the references take the masked dense path."""
+
+
+def _dense_plan(token_slots: torch.Tensor, rows: torch.Tensor, ranks: torch.Tensor
+                ) -> tuple[DistinctSlots, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """For the masked dense path: (distinct slots, flat offsets of the live rows of the batch's
+    adapters [L], each token's column of rank i in those rows [V, R], validity [V, R]); None
+    when the batch is too large for it (the grouped path then runs)."""
+    distinct: DistinctSlots | None = _last_groups.get(token_slots, _distinct_slots)
+    if distinct is None:
+        return None
+    r = ranks[distinct.slots].long()  # [G]
+    width = rows.shape[1]
+    i = torch.arange(width, device=rows.device)
+    keep = i[None, :] < r[:, None]  # [G, R]
+    offsets = rows[distinct.slots][keep]  # [L] slot-major, rank-minor
+    if distinct.tokens.shape[0] * offsets.shape[0] > DENSE_LIMIT:
+        return None
+    col_start = torch.cumsum(r, 0) - r  # [G]
+    valid = i[None, :] < r[distinct.inverse][:, None]  # [V, R]
+    cols = (col_start[distinct.inverse][:, None] + i[None, :]).clamp(
+        max=max(offsets.shape[0] - 1, 0))
+    return distinct, offsets, cols, valid
 
 
 def _group_tokens(token_slots: torch.Tensor) -> TokenGroups | None:
@@ -129,6 +169,16 @@ def lora_shrink_ref(x: torch.Tensor, pool_flat: torch.Tensor, a_rows: torch.Tens
     """
     d_in = x.shape[1]
     h = torch.zeros((x.shape[0], a_rows.shape[1]), dtype=torch.float32, device=x.device)
+    plan = _dense_plan(token_slots, a_rows, ranks)
+    if plan is not None:
+        # Masked dense: one matmul against every live row of the batch's adapters (each read
+        # once), then each token keeps its own adapter's columns. Decode-sized batches.
+        distinct, offsets, cols, valid = plan
+        if offsets.shape[0]:
+            a = pool_flat.unfold(0, d_in, 1).index_select(0, offsets).float()  # [L, d_in]
+            full = x[distinct.tokens].float() @ a.T  # [V, L]
+            h[distinct.tokens] = torch.where(valid, full.gather(1, cols), 0.0)
+        return h
     groups = group_tokens(token_slots)
     if groups is None:
         return h
@@ -150,6 +200,17 @@ def lora_expand_ref(h: torch.Tensor, pool_flat: torch.Tensor, b_rows: torch.Tens
     out: [T, d_out] pool dtype, written in place (may be a column slice of a wider tensor).
     """
     d_out = out.shape[1]
+    plan = _dense_plan(token_slots, b_rows, ranks)
+    if plan is not None:
+        distinct, offsets, cols, valid = plan
+        if offsets.shape[0]:
+            bt = pool_flat.unfold(0, d_out, 1).index_select(0, offsets).float()  # [L, d_out]
+            scale = scales[distinct.slots].float()[distinct.inverse][:, None]  # [V, 1]
+            hv = torch.where(valid, h[distinct.tokens].float(), 0.0) * scale  # [V, R]
+            spread = hv.new_zeros(hv.shape[0], offsets.shape[0]).scatter_add_(1, cols, hv)
+            rows = distinct.tokens
+            out[rows] = (out[rows].float() + spread @ bt).to(out.dtype)
+        return
     groups = group_tokens(token_slots)
     if groups is None:
         return

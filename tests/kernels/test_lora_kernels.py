@@ -86,6 +86,17 @@ def make_out(num_tokens: int, dtype: torch.dtype, slots: torch.Tensor, layout: s
     return base, out
 
 
+@pytest.fixture(params=["dense", "grouped"], autouse=True)
+def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs on both reference paths: masked dense (decode-sized batches) and
+    grouped bmm (what larger batches take)."""
+    from loraplex.kernels import lora
+
+    if request.param == "grouped":
+        monkeypatch.setattr(lora, "DENSE_LIMIT", -1)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("with_none", [False, True])
 @pytest.mark.parametrize("popularity", POPULARITY)
