@@ -256,8 +256,9 @@ class AdapterResidency:
         elsize = self.pool.tensor.element_size()
         packer = _Packer(self.pool.page_numel, align=max(1, 4 // elsize))
         modules = []
-        for (layer, name), module in sorted(weights.modules.items(),
-                                            key=lambda kv: (kv[0][0], TARGET_MODULES.index(kv[0][1]))):
+        order = sorted(weights.modules.items(),
+                       key=lambda kv: (kv[0][0], TARGET_MODULES.index(kv[0][1])))
+        for (layer, name), module in order:
             d_out, d_in = self.config.module_shape(name)
             m = TARGET_MODULES.index(name)
             if isinstance(module, LoraModule):
@@ -280,7 +281,10 @@ class AdapterResidency:
         def put(dst_rows: torch.Tensor, rows: torch.Tensor, target: torch.Tensor) -> None:
             width = rows.shape[1]
             index = (dst_rows[:, None] + torch.arange(width)).view(-1).to(target.device)
-            target[index] = rows.reshape(-1).to(device=target.device, dtype=target.dtype)
+            # Host-cache tensors are page-locked on CUDA: the copy is asynchronous and
+            # stream-ordered before the forward that reads these pages.
+            target[index] = rows.reshape(-1).to(device=target.device, dtype=target.dtype,
+                                                non_blocking=True)
 
         if isinstance(module, LoraModule):
             put(first, module.a, flat)
@@ -295,4 +299,5 @@ class AdapterResidency:
         put(first, values.view(num_rows, width), flat)
         positions = torch.zeros(num_rows * width, dtype=torch.int32)
         positions[: module.nnz] = (module.rows.long() * d_in + module.cols.long()).int()
-        put(second * flat.element_size() // 4, positions.view(num_rows, width), flat.view(torch.int32))
+        put(second * flat.element_size() // 4, positions.view(num_rows, width),
+            flat.view(torch.int32))

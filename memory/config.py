@@ -20,7 +20,10 @@ class MemoryConfig:
     max_resident_adapters: int = 64
     """Adapter slots on the device at once (row-table height); idle ones are evicted LRU."""
     host_cache_bytes: int = 2 * 2**30
-    """Bound of the host-RAM LRU tier of parsed adapters."""
+    """Bound of the host-RAM LRU tier of parsed adapters (never exceeded)."""
+    prefetch: bool = True
+    """Read adapters that waiting requests need from disk into the host tier on a worker
+    thread, ahead of admission; False reads them on the engine thread when admitted."""
 
     def __post_init__(self) -> None:
         for name in ("page_size", "max_rank", "max_resident_adapters", "pool_bytes"):

@@ -18,13 +18,25 @@ class SchedulerConfig:
     max_adapters_per_batch: int | None = None
     """Distinct adapters running at once (the base model counts as one); None: no limit.
     1 switches adapter batching off (the baseline S-LoRA compares against)."""
+    max_adapter_loads_per_step: int | None = 8
+    """Adapters a step may bring into the pool for newly admitted requests; None: no limit.
+    Requests on resident adapters go on being admitted past it."""
+    max_wait_steps: int = 64
+    """Steps after which a waiting request goes first within its tenant, ahead of requests on
+    resident adapters (the bound on adapter-aware reordering)."""
+    fairness: bool = True
+    """Weighted fair share of tokens and batch slots between tenants (virtual token counters);
+    False: one queue for all tenants."""
 
     def __post_init__(self) -> None:
-        for name in ("max_num_batched_tokens", "max_num_seqs"):
+        for name in ("max_num_batched_tokens", "max_num_seqs", "max_wait_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.max_adapters_per_batch is not None and self.max_adapters_per_batch < 1:
             raise ValueError("max_adapters_per_batch: must be >= 1 or None, got "
                              f"{self.max_adapters_per_batch}")
+        if self.max_adapter_loads_per_step is not None and self.max_adapter_loads_per_step < 1:
+            raise ValueError("max_adapter_loads_per_step: must be >= 1 or None, got "
+                             f"{self.max_adapter_loads_per_step}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len: must be >= 2, got {self.max_model_len}")

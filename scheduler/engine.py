@@ -1,6 +1,7 @@
 """Engine: the step loop (schedule → run → sample → update) and the offline API the server wraps.
 
-Single-threaded: every call happens on the engine's thread (the server's bridge ensures it).
+Every call happens on the engine's thread (the server's bridge ensures it); the one other
+thread is the host tier's prefetch worker, which only reads adapters into `HostCache`.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import itertools
 import logging
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +18,7 @@ import torch
 
 from loraplex.memory.adapters import AdapterResidency
 from loraplex.memory.config import MemoryConfig
-from loraplex.memory.host_cache import AdapterRecord, HostCache
+from loraplex.memory.host_cache import AdapterRecord, HostCache, Prefetcher
 from loraplex.memory.kv import KVLayout
 from loraplex.memory.pool import PagePool
 from loraplex.model.adapters.canonical import AdapterWeights
@@ -35,9 +37,16 @@ from loraplex.scheduler.errors import (
     RequestTooLongError,
     UnknownAdapterError,
 )
-from loraplex.scheduler.request import Request, RequestStatus, Sequence
+from loraplex.scheduler.request import (
+    Request,
+    RequestOutput,
+    RequestStatus,
+    Sequence,
+    check_deadline,
+    check_prompt_ids,
+)
 from loraplex.scheduler.scheduler import Scheduler
-from loraplex.scheduler.stats import AdapterLoad, EngineStats
+from loraplex.scheduler.stats import AdapterLoad, EngineStats, snapshot
 
 logger = logging.getLogger(__name__)
 _ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
@@ -59,23 +68,6 @@ class EngineConfig:
     """False for token-id-only use (tiny test models ship no tokenizer)."""
 
 
-@dataclass(slots=True)
-class RequestOutput:
-    """One request's progress after a step (also the final result)."""
-
-    request_id: str
-    num_prompt_tokens: int
-    token_ids: list[int]
-    """All generated tokens so far."""
-    new_token_ids: list[int]
-    text: str = ""
-    new_text: str = ""
-    finished: bool = False
-    finish_reason: str | None = None
-    error: Exception | None = None
-    logprobs: list[dict] = field(default_factory=list)
-
-
 @dataclass(frozen=True, slots=True)
 class PreparedAdapter:
     """An adapter read and validated off the engine thread, ready for `install_adapter`."""
@@ -94,8 +86,11 @@ class _TextState:
 class Engine:
     """Many requests, each on its own adapter (or none), in one continuous batch."""
 
-    def __init__(self, config: EngineConfig = EngineConfig()):
+    def __init__(self, config: EngineConfig = EngineConfig(), *,
+                 clock: Callable[[], float] = time.monotonic):
+        """`clock` (seconds) times arrivals and deadlines; tests pass a virtual one."""
         self.config = config
+        self.clock = clock
         device = config.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -119,7 +114,9 @@ class Engine:
                                  mc.max_position_embeddings)
         self._init_memory(config.memory)
         self.scheduler = Scheduler(config.scheduler, self.pool, self.kv_layout, self.residency,
-                                   self._fetch_adapter, eos, self.max_model_len)
+                                   self._fetch_adapter, eos, self.max_model_len,
+                                   host_cache=self.host_cache, prefetcher=self.prefetcher)
+        self._tenant_deadlines: dict[str, float] = {}
         self._adapter_loads: list[AdapterLoad] = []
         self.runner = ModelRunner(self.model, self.kv_layout)
         self.sampler = Sampler()
@@ -140,7 +137,9 @@ class Engine:
         num_pages = mem.num_pages or mem.pool_bytes // (page_numel * elsize)
         self.pool = PagePool(num_pages, page_numel, self.dtype, self.device)
         self.residency = AdapterResidency(self.pool, mc, mem.max_rank, mem.max_resident_adapters)
-        self.host_cache = HostCache(mem.host_cache_bytes, self._read_adapter)
+        self.host_cache = HostCache(mem.host_cache_bytes, self._read_adapter,
+                                    pin_memory=self.device.type == "cuda")
+        self.prefetcher = Prefetcher(self.host_cache) if mem.prefetch else None
         logger.info("page pool: %d pages of %d tokens (%.1f MiB)", num_pages, mem.page_size,
                     num_pages * page_numel * elsize / 2**20)
 
@@ -152,9 +151,8 @@ class Engine:
 
     def _fetch_adapter(self, record: AdapterRecord) -> AdapterWeights:
         """The residency's loader: host cache first, disk on a miss (timed for metrics)."""
-        source = "host" if record in self.host_cache else "disk"
         t0 = time.perf_counter()
-        weights = self.host_cache.get(record)
+        weights, source = self.host_cache.get_with_source(record)
         self._adapter_loads.append(AdapterLoad(record.name, source, time.perf_counter() - t0))
         return weights
 
@@ -184,7 +182,7 @@ class Engine:
         if old is not None:
             record.version = old.version + 1
             self._forget(old)
-        self.host_cache.put(record, weights)
+        self.host_cache.put_if_room(record, weights)  # never evicts hot ones for a new one
         self.adapters[record.name] = record
         logger.info("adapter %s v%d registered: %s rank %d, %d pages", record.name,
                     record.version, record.kind, record.max_rank, record.num_pages)
@@ -224,15 +222,37 @@ class Engine:
         self.residency.drop(record)
         self.host_cache.drop(record)
 
+    def close(self) -> None:
+        """Stop the prefetch worker (it also ends by itself when idle)."""
+        if self.prefetcher is not None:
+            self.prefetcher.close()
+
     @property
     def model_name(self) -> str:
         return self.model_dir.name
 
     # ---- requests ------------------------------------------------------------------------
+    def set_tenant_weight(self, tenant: str, weight: float) -> None:
+        """`tenant`'s share of tokens and batch slots relative to others (default 1.0)."""
+        self.scheduler.tenants.set_weight(tenant, weight)
+
+    def set_tenant_deadline(self, tenant: str, deadline_s: float | None) -> None:
+        """Default first-token deadline (seconds after arrival) of `tenant`'s requests."""
+        if deadline_s is None:
+            self._tenant_deadlines.pop(tenant, None)
+            return
+        self._tenant_deadlines[tenant] = check_deadline(deadline_s)
+
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     adapter: str | None = None, request_id: str | None = None,
-                    tenant: str = "") -> str:
+                    tenant: str = "", deadline_s: float | None = None) -> str:
+        """Queue a request; `deadline_s`: its first token is due that many seconds after
+        arrival (None: the tenant's default, if any), else it is aborted while still waiting."""
         params = params or SamplingParams()
+        if deadline_s is None:
+            deadline_s = self._tenant_deadlines.get(tenant)
+        else:
+            deadline_s = check_deadline(deadline_s)
         request_id = request_id or f"req-{next(self._seq_ids)}"
         if request_id in self._seqs:
             raise RequestError(f"request id {request_id!r} is already in use")
@@ -243,7 +263,9 @@ class Engine:
             if record is None:
                 raise UnknownAdapterError(f"adapter {adapter!r} not found")
         self._check_fits(len(prompt_ids), params, record)
-        request = Request(request_id, tuple(prompt_ids), params, record, tenant)
+        now = self.clock()
+        request = Request(request_id, tuple(prompt_ids), params, record, tenant, arrival_s=now,
+                          deadline=None if deadline_s is None else now + deadline_s)
         seq = Sequence(next(self._seq_ids), request, make_generator(params.seed, self.device))
         self._seqs[request_id] = seq
         if self.tokenizer is not None:
@@ -260,12 +282,7 @@ class Engine:
             prompt_ids = self.tokenizer.encode(prompt)
         else:
             prompt_ids = list(prompt)
-        if not prompt_ids:
-            raise RequestError("prompt is empty")
-        vocab = self.model_config.vocab_size
-        if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_ids):
-            raise RequestError(f"prompt token ids must be integers in [0, {vocab})")
-        return prompt_ids
+        return check_prompt_ids(prompt_ids, self.model_config.vocab_size)
 
     def _check_fits(self, num_prompt: int, params: SamplingParams,
                     record: AdapterRecord | None) -> None:
@@ -292,32 +309,16 @@ class Engine:
 
     def stats(self) -> EngineStats:
         """A snapshot for metrics; adapter loads are handed out once."""
-        running: dict[str, int] = {}
-        for seq in self.scheduler.running:
-            if seq.request.adapter is not None:
-                name = seq.request.adapter.name
-                running[name] = running.get(name, 0) + 1
-        waiting = {s.request.adapter.name for s in self.scheduler.waiting if s.request.adapter}
         loads, self._adapter_loads = tuple(self._adapter_loads), []
-        pool, hc, res = self.pool, self.host_cache, self.residency
-        return EngineStats(
-            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
-            num_pages=pool.num_pages, num_kv_pages=pool.num_kv_pages,
-            num_adapter_pages=pool.num_adapter_pages, num_free_pages=pool.num_free_pages,
-            running_per_adapter=running, waiting_adapters=tuple(sorted(waiting)),
-            max_resident_adapters=res.num_slots, num_resident_adapters=res.num_resident,
-            num_registered_adapters=len(self.adapters),
-            num_preemptions=self.scheduler.num_preemptions,
-            host_cache_hits=hc.num_hits, host_cache_misses=hc.num_misses,
-            host_cache_evictions=hc.num_evictions, host_cache_bytes=hc.num_bytes,
-            device_adapter_loads=res.num_loads, device_adapter_evictions=res.num_evictions,
-            adapter_loads=loads)
+        return snapshot(self.scheduler, self.pool, self.host_cache, self.residency,
+                        len(self.adapters), loads)
 
     # ---- the step ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one iteration; returns an output for every request that moved."""
+        expired = self.scheduler.expire_deadlines(self.clock())
         batch = self.scheduler.schedule()
-        outputs = [self._output(s, [], "") for s in self.scheduler.failed]
+        outputs = [self._output(s, [], "") for s in expired + self.scheduler.failed]
         self.scheduler.failed.clear()
         if batch is None:
             return outputs
@@ -393,3 +394,4 @@ class Engine:
                     out.text = text[out.request_id]
                     done[out.request_id] = out
         return [done[i] for i in ids]
+

@@ -11,6 +11,11 @@ class RequestTooLongError(RequestError):
     """Prompt + max_tokens exceed the model's context or the whole pool."""
 
 
+class DeadlineExceededError(RequestError):
+    """A waiting request that can no longer get its first token by its deadline (aborted early,
+    finish reason `deadline`)."""
+
+
 class UnknownAdapterError(LookupError):
     """The request names no registered adapter (404)."""
 

@@ -1,4 +1,5 @@
-"""Request (what the user sent), Sequence (one generation stream) and their statuses."""
+"""Request (what the user sent), Sequence (one generation stream), their statuses, and
+RequestOutput (what the engine hands back after a step)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 from loraplex.memory.host_cache import AdapterRecord
 from loraplex.memory.kv import PageTable
 from loraplex.model.sampler import SamplingParams
+from loraplex.scheduler.errors import RequestError
 
 
 class RequestStatus(enum.Enum):
@@ -34,6 +36,11 @@ class Request:
     adapter: AdapterRecord | None
     """The adapter version the request runs on (fixed at arrival: hot-swap safe)."""
     tenant: str = ""
+    arrival_s: float = 0.0
+    """The engine clock's time when the request was added."""
+    deadline: float | None = None
+    """Engine-clock time by which the first token is due (S-LoRA's SLO); None: no objective.
+    A waiting request that can no longer meet it is aborted early (finish reason `deadline`)."""
 
     def __repr__(self) -> str:  # never the prompt text
         name = self.adapter.name if self.adapter else None
@@ -55,11 +62,13 @@ class Sequence:
     adapter_slot: int = -1
     """Row-table slot while the adapter is pinned for this sequence, else -1."""
     finish_reason: str | None = None
-    """`stop`, `length`, `abort` or `error`."""
+    """`stop`, `length`, `abort`, `deadline` or `error`."""
     error: Exception | None = None
     logprobs: list[dict] = field(default_factory=list)
     """Per output token when asked: {"id", "logprob", "top": [(id, logprob), ...]}."""
     num_preemptions: int = 0
+    arrival_step: int = 0
+    """The scheduler's step count when it was queued (its age is counted in steps)."""
 
     @property
     def num_tokens(self) -> int:
@@ -76,5 +85,40 @@ class Sequence:
         return (list(prompt) + self.output_ids)[start:end]
 
     def __repr__(self) -> str:
-        return (f"Sequence({self.seq_id}, {self.status.value}, prompt={len(self.request.prompt_ids)},"
-                f" out={len(self.output_ids)}, computed={self.num_computed_tokens})")
+        return (f"Sequence({self.seq_id}, {self.status.value}, "
+                f"prompt={len(self.request.prompt_ids)}, out={len(self.output_ids)}, "
+                f"computed={self.num_computed_tokens})")
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """One request's progress after a step (also the final result)."""
+
+    request_id: str
+    num_prompt_tokens: int
+    token_ids: list[int]
+    """All generated tokens so far."""
+    new_token_ids: list[int]
+    text: str = ""
+    new_text: str = ""
+    finished: bool = False
+    finish_reason: str | None = None
+    error: Exception | None = None
+    logprobs: list[dict] = field(default_factory=list)
+
+
+def check_deadline(deadline_s: float) -> float:
+    """A deadline from outside: seconds > 0 and finite, else `RequestError`."""
+    if isinstance(deadline_s, bool) or not isinstance(deadline_s, (int, float)) \
+            or not 0 < deadline_s < float("inf"):
+        raise RequestError(f"deadline_s must be a finite number of seconds > 0, got {deadline_s!r}")
+    return float(deadline_s)
+
+
+def check_prompt_ids(prompt_ids: list[int], vocab_size: int) -> list[int]:
+    """A prompt from outside: non-empty token ids in the vocabulary, else `RequestError`."""
+    if not prompt_ids:
+        raise RequestError("prompt is empty")
+    if any(not isinstance(t, int) or not 0 <= t < vocab_size for t in prompt_ids):
+        raise RequestError(f"prompt token ids must be integers in [0, {vocab_size})")
+    return prompt_ids

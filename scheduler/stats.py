@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from loraplex.memory.adapters import AdapterResidency
+    from loraplex.memory.host_cache import HostCache
+    from loraplex.memory.pool import PagePool
+    from loraplex.scheduler.scheduler import Scheduler
 
 
 @dataclass(frozen=True, slots=True)
@@ -11,8 +18,10 @@ class AdapterLoad:
 
     adapter: str
     source: str
-    """`disk` (read and parsed: a host-cache miss) or `host` (already parsed in RAM)."""
+    """`disk` (read and parsed for this load: on the engine thread, or ahead of it by the
+    prefetch worker) or `host` (already parsed in RAM from an earlier use)."""
     seconds: float
+    """Time the engine thread spent (a prefetched read cost the step nothing)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,8 +50,46 @@ class EngineStats:
     device_adapter_evictions: int
     adapter_loads: tuple[AdapterLoad, ...]
     """Loads since the previous snapshot (each reported once)."""
+    num_early_aborts: int = 0
+    """Waiting requests aborted because they could no longer meet their deadline (cumulative)."""
+    host_cache_capacity_bytes: int = 0
+    """The host tier's bound (`host_cache_bytes` never exceeds it)."""
+    host_prefetches: int = 0
+    """Adapters the prefetch worker read from disk ahead of admission (cumulative)."""
+    num_host_cached_adapters: int = 0
+    """Parsed adapters held in host RAM now."""
+    host_blocking_reads: int = 0
+    """Adapters read from disk on the engine thread, a step waiting (cumulative; prefetch keeps
+    this near zero). `host_cache_misses` counts every read from disk for a load, these too."""
 
     @property
     def kv_usage(self) -> float:
         """Fraction of the pool holding K/V (what `vllm:gpu_cache_usage_perc` reports)."""
         return self.num_kv_pages / self.num_pages if self.num_pages else 0.0
+
+
+def snapshot(scheduler: Scheduler, pool: PagePool, host_cache: HostCache,
+             residency: AdapterResidency, num_registered_adapters: int,
+             adapter_loads: tuple[AdapterLoad, ...]) -> EngineStats:
+    """Gauges and counters of the engine's parts, as of now."""
+    running: dict[str, int] = {}
+    for seq in scheduler.running:
+        if seq.request.adapter is not None:
+            name = seq.request.adapter.name
+            running[name] = running.get(name, 0) + 1
+    waiting = {s.request.adapter.name for s in scheduler.waiting if s.request.adapter}
+    hc, res = host_cache, residency
+    return EngineStats(
+        num_running=len(scheduler.running), num_waiting=len(scheduler.waiting),
+        num_pages=pool.num_pages, num_kv_pages=pool.num_kv_pages,
+        num_adapter_pages=pool.num_adapter_pages, num_free_pages=pool.num_free_pages,
+        running_per_adapter=running, waiting_adapters=tuple(sorted(waiting)),
+        max_resident_adapters=res.num_slots, num_resident_adapters=res.num_resident,
+        num_registered_adapters=num_registered_adapters,
+        num_preemptions=scheduler.num_preemptions,
+        host_cache_hits=hc.num_hits, host_cache_misses=hc.num_misses,
+        host_cache_evictions=hc.num_evictions, host_cache_bytes=hc.num_bytes,
+        device_adapter_loads=res.num_loads, device_adapter_evictions=res.num_evictions,
+        adapter_loads=adapter_loads, num_early_aborts=scheduler.num_early_aborts,
+        host_cache_capacity_bytes=hc.capacity_bytes, host_prefetches=hc.num_prefetches,
+        num_host_cached_adapters=hc.num_entries, host_blocking_reads=hc.num_blocking_reads)

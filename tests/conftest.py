@@ -35,17 +35,25 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory):
 
 def make_engine(model_dir, *, num_pages: int = 256, page_size: int = 16, max_rank: int = 64,
                 max_batched_tokens: int = 256, max_resident_adapters: int = 16,
-                max_num_seqs: int = 64, max_adapters_per_batch: int | None = None) -> Engine:
+                max_num_seqs: int = 64, max_adapters_per_batch: int | None = None,
+                host_cache_bytes: int = 2 * 2**30, prefetch: bool = True,
+                fairness: bool = True, max_adapter_loads_per_step: int | None = 8,
+                max_wait_steps: int = 64, clock=None) -> Engine:
     """An fp32 CPU engine over a tiny model folder (no tokenizer); LORAPLEX_TEST_DEVICE and
-    LORAPLEX_TEST_DTYPE move it (to check the CUDA/Triton path against the same oracles)."""
-    return Engine(EngineConfig(
+    LORAPLEX_TEST_DTYPE move it (to check the CUDA/Triton path against the same oracles).
+    `clock` (a callable giving seconds) replaces the wall clock for deadline tests."""
+    config = EngineConfig(
         model=str(model_dir), dtype=TEST_DTYPE, device=TEST_DEVICE, load_tokenizer=False,
         memory=MemoryConfig(page_size=page_size, num_pages=num_pages, max_rank=max_rank,
-                            max_resident_adapters=max_resident_adapters),
+                            max_resident_adapters=max_resident_adapters,
+                            host_cache_bytes=host_cache_bytes, prefetch=prefetch),
         scheduler=SchedulerConfig(max_num_batched_tokens=max_batched_tokens,
                                   max_num_seqs=max_num_seqs,
-                                  max_adapters_per_batch=max_adapters_per_batch),
-    ))
+                                  max_adapters_per_batch=max_adapters_per_batch,
+                                  max_adapter_loads_per_step=max_adapter_loads_per_step,
+                                  max_wait_steps=max_wait_steps, fairness=fairness),
+    )
+    return Engine(config) if clock is None else Engine(config, clock=clock)
 
 
 def assert_pool_clean(engine: Engine) -> None:
