@@ -42,6 +42,9 @@ def build_state(engine: Engine, config: ServeConfig) -> ServerState:
     catalog = AdapterCatalog(bridge, store, {n: Path(p) for n, p in config.adapters},
                              [Path(d) for d in config.adapter_dirs])
     keys = ApiKeys.load(config.api_keys) if config.api_keys else ApiKeys.open()
+    for tenant in keys.tenants.values():  # before the engine thread starts: safe to call
+        engine.set_tenant_weight(tenant.name, tenant.weight)
+        engine.set_tenant_deadline(tenant.name, tenant.ttft_deadline_s)
     if keys.is_open:
         logger.warning("no --api-keys file: the server is OPEN, every caller is one tenant "
                        "with admin rights")

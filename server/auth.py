@@ -26,7 +26,8 @@ OPEN_TENANT = "default"
 """The one tenant of a server started without a key file."""
 _Fail = Callable[[str | None, str], "ApiKeysError"]
 _TENANT_FIELDS = frozenset(
-    {"keys", "key_sha256", "admin", "max_concurrent_requests", "max_adapters", "weight"})
+    {"keys", "key_sha256", "admin", "max_concurrent_requests", "max_adapters", "weight",
+     "ttft_deadline_s"})
 
 
 class ApiKeysError(ValueError):
@@ -55,6 +56,9 @@ class Tenant:
     """Adapters it may store; None: unlimited."""
     weight: float = 1.0
     """Share of the engine for fair scheduling, relative to other tenants."""
+    ttft_deadline_s: float | None = None
+    """Default time-to-first-token objective of its requests; a queued request that can no
+    longer make it is aborted early (503). None: no deadline."""
 
     def __post_init__(self) -> None:
         if NAME_RE.fullmatch(self.name) is None:
@@ -241,7 +245,13 @@ def _parse_tenant(source: str, name: object, entry: object) -> tuple[Tenant, lis
     if (isinstance(weight, bool) or not isinstance(weight, int | float)
             or not math.isfinite(weight) or weight <= 0):
         raise fail("weight", "expected a positive number")
-    return Tenant(name, is_admin=admin, weight=float(weight), **limits), digests
+    deadline = entry.get("ttft_deadline_s")
+    if deadline is not None and (isinstance(deadline, bool) or not isinstance(
+            deadline, int | float) or not math.isfinite(deadline) or deadline <= 0):
+        raise fail("ttft_deadline_s", "expected a positive number of seconds")
+    return Tenant(name, is_admin=admin, weight=float(weight),
+                  ttft_deadline_s=None if deadline is None else float(deadline),
+                  **limits), digests
 
 
 def _parse_keys(entry: dict[str, object], fail: _Fail) -> list[bytes]:

@@ -72,6 +72,7 @@ class EngineBridge:
         self._commands.put(lambda: None)
         if self._thread is not None:
             self._thread.join(timeout_s)
+        self.engine.close()
 
     @property
     def num_in_flight(self) -> int:
@@ -104,7 +105,8 @@ class EngineBridge:
 
     async def submit(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None,
                      request_id: str, tenant: str = "",
-                     outputs: asyncio.Queue | None = None) -> RequestStream:
+                     outputs: asyncio.Queue | None = None,
+                     deadline_s: float | None = None) -> RequestStream:
         """Add a request; raises the engine's validation error, else returns its stream.
 
         Several requests may share one `outputs` queue (the n choices of one HTTP request).
@@ -114,7 +116,8 @@ class EngineBridge:
             stream.queue = outputs
 
         def add(engine: Engine) -> None:
-            engine.add_request(prompt_ids, params, adapter, request_id, tenant)
+            engine.add_request(prompt_ids, params, adapter, request_id, tenant,
+                               deadline_s=deadline_s)
             self._streams[request_id] = stream
 
         await self.call(add)

@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 
 from loraplex.model.adapters.errors import AdapterError
 from loraplex.model.sampler import SamplingParamsError
-from loraplex.scheduler.errors import RequestError, UnknownAdapterError
+from loraplex.scheduler.errors import DeadlineExceededError, RequestError, UnknownAdapterError
 from loraplex.server.auth import ApiKeysError, AuthError, LimitExceededError
 from loraplex.server.store import (
     AdapterExistsError,
@@ -48,6 +48,7 @@ class UnavailableError(ServerError):
 
 # Order matters: the first matching class wins (subclasses before their bases).
 _MAP: list[tuple[type[BaseException], int, str]] = [
+    (DeadlineExceededError, 503, "service_unavailable_error"),
     (UnknownAdapterError, 404, "not_found_error"),
     (UploadTooLargeError, 413, "invalid_request_error"),
     (NoSuchAdapterError, 404, "not_found_error"),

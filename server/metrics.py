@@ -40,6 +40,9 @@ _CUMULATIVE = {
     "host_cache_evictions": ("cache_evictions", ("host",)),
     "device_adapter_loads": ("cache_misses", ("device",)),
     "device_adapter_evictions": ("cache_evictions", ("device",)),
+    "num_early_aborts": ("early_aborts", ("deadline",)),
+    "host_prefetches": ("host_prefetches", ()),
+    "host_blocking_reads": ("host_blocking_reads", ()),
 }
 
 
@@ -104,6 +107,14 @@ class Metrics:
         self.num_waiting = self._gauge("loraplex_num_requests_waiting", "Waiting requests.")
         self.pool_pages = self._gauge("loraplex_pool_pages", "Pool pages by use.", ("use",))
         self.pool_capacity = self._gauge("loraplex_pool_capacity_pages", "Pages in the pool.")
+        self.host_prefetches = self._counter(
+            "loraplex_host_prefetches", "Adapters read from disk ahead of admission by a worker.")
+        self.host_blocking_reads = self._counter(
+            "loraplex_host_blocking_reads", "Adapter disk reads the engine thread waited for.")
+        self.host_cache_capacity = self._gauge(
+            "loraplex_host_cache_capacity_bytes", "Bound of the host-RAM adapter tier.")
+        self.host_cached_adapters = self._gauge(
+            "loraplex_host_cached_adapters", "Parsed adapters held in host RAM.")
         self.host_cache_bytes = self._gauge(
             "loraplex_host_cache_bytes", "Bytes of parsed adapters held in host RAM.")
         self.resident_adapters = self._gauge(
@@ -216,6 +227,8 @@ class Metrics:
         self.pool_pages.labels("free").set(stats.num_free_pages)
         self.pool_capacity.set(stats.num_pages)
         self.host_cache_bytes.set(stats.host_cache_bytes)
+        self.host_cache_capacity.set(stats.host_cache_capacity_bytes)
+        self.host_cached_adapters.set(stats.num_host_cached_adapters)
         self.resident_adapters.set(stats.num_resident_adapters)
         self.max_resident_adapters.set(stats.max_resident_adapters)
         self.registered_adapters.set(stats.num_registered_adapters)

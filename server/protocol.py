@@ -36,6 +36,8 @@ class _Sampling(_Body):
     frequency_penalty: Annotated[float, Field(ge=0, le=0)] | None = None
     ignore_eos: StrictBool = False
     """Extension (vLLM's): keep generating past EOS up to max_tokens."""
+    ttft_deadline_s: Annotated[float, Field(gt=0, le=86400)] | None = None
+    """Extension: abort early (503) if the first token cannot come within this many seconds."""
 
     def stops(self) -> tuple[str, ...]:
         if self.stop is None:

@@ -55,7 +55,8 @@ async def _start(state: ServerState, tenant: Tenant, body: CompletionRequest
                 index = p * body.n + j
                 params = body.sampling_params(max_tokens, j, num_logprobs)
                 rid = f"{job.id}-{index}"
-                await state.bridge.submit(ids, params, adapter, rid, tenant.name, job.outputs)
+                await state.bridge.submit(ids, params, adapter, rid, tenant.name, job.outputs,
+                                          body.ttft_deadline_s)
                 job.choices[rid] = Choice(index=index, num_prompt_tokens=len(ids))
     except BaseException:
         job.close()

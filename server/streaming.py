@@ -75,7 +75,7 @@ class Job:
         if out.finished:
             choice.finished = True
             choice.finish_reason = "length" if out.finish_reason == "length" else "stop"
-            if out.error is not None or out.finish_reason in ("error", "abort"):
+            if out.error is not None or out.finish_reason in ("error", "abort", "deadline"):
                 choice.error = out.error or RuntimeError("the request was aborted")
         return choice, new_logprobs
 

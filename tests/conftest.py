@@ -12,6 +12,9 @@ from loraplex.scheduler.config import SchedulerConfig
 from loraplex.scheduler.engine import Engine, EngineConfig
 from tests.adapter_factory import make_hf_model, save_hf_model
 
+# Tiny models: one intra-op thread is much faster than several fighting over two cores.
+torch.set_num_threads(1)
+
 ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 TEST_DEVICE = os.environ.get("LORAPLEX_TEST_DEVICE", "cpu")
 """Where engine tests run their engine (`cuda` on a GPU machine; the oracles stay on the CPU)."""

@@ -89,3 +89,19 @@ def test_running_gauges_and_disconnect_frees_the_sequence(server):
     ok = httpx.post(f"{url}/v1/completions", json={"model": MODEL_NAME, "prompt": "after",
                                                    "max_tokens": 2})
     assert ok.status_code == 200
+
+
+def test_a_request_that_cannot_meet_its_deadline_is_aborted_early(server):
+    url = server.url
+    before = scrape(url)
+    late = httpx.post(f"{url}/v1/completions", json={
+        "model": MODEL_NAME, "prompt": "too late", "max_tokens": 4, "ttft_deadline_s": 1e-6})
+    assert late.status_code == 503, late.text
+    assert late.json()["error"]["type"] == "service_unavailable_error"
+    ok = httpx.post(f"{url}/v1/completions", json={
+        "model": MODEL_NAME, "prompt": "in time", "max_tokens": 4, "ttft_deadline_s": 600})
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 4
+    after = wait_for(url, "vllm:num_requests_running", 0)
+    aborts = value(after, "loraplex_early_aborts_total", reason="deadline") - value(
+        before, "loraplex_early_aborts_total", reason="deadline")
+    assert aborts == 1
