@@ -18,15 +18,6 @@ BUDGET = 16  # tokens a step: a 40-token prompt needs 3 steps of prefill
 MAX_TOKENS = 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models on a busy 2-core machine: one intra-op thread is many times faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class VirtualClock:
     def __init__(self) -> None:
         self.now = 0.0

@@ -3,7 +3,6 @@ steps) far past what it gets alone; weights split the service. Latency is counte
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from loraplex.model.sampler import SamplingParams
@@ -13,15 +12,6 @@ ARCH = "llama"
 NUM_ARRIVAL_STEPS = 80
 MAX_TOKENS = 8
 NUM_BACKLOG = 150
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models on a busy 2-core machine: one intra-op thread is many times faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def greedy(n: int = MAX_TOKENS) -> SamplingParams:

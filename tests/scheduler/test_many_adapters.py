@@ -36,15 +36,6 @@ RANKS = (1, 2, 4, 8, 16, 32)
 HOST_CACHE_BYTES = 2 * 2**20  # about 2% of the 2,000 adapters fit: the rest wait on disk
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models on a busy 2-core machine: one intra-op thread is many times faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def write_random_lora(path: Path, config: ModelConfig, rank: int, targets: tuple[str, ...],
                       seed: int, rslora: bool = False) -> Path:
     """A PEFT LoRA folder (safetensors + adapter_config.json) with random A and B ≠ 0."""

@@ -22,15 +22,6 @@ NUM_CACHED = 6  # the host tier holds 6 of the 12 (all the same size): a0..a5 st
 PROMPT = [5, 17, 33, 2, 90, 41, 7]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models on a busy 2-core machine: one intra-op thread is many times faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def setup(tiny_model_dir, tmp_path_factory):
     _, model_dir = tiny_model_dir(ARCH)
