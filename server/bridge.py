@@ -19,6 +19,8 @@ from loraplex.scheduler.engine import Engine, RequestOutput
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+METRICS_INTERVAL_S = 0.05
+"""Engine snapshots for metrics at most this often while busy (a snapshot walks the queues)."""
 
 
 class EngineStepError(RuntimeError):
@@ -58,6 +60,7 @@ class EngineBridge:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
+        self._metrics_at = 0.0
         self.on_idle: list[Callable[[Engine], None]] = []
         """Callbacks run on the engine thread when it has nothing to do (housekeeping)."""
 
@@ -148,8 +151,9 @@ class EngineBridge:
                 continue
             for out in outputs:
                 self._deliver(out)
-            if self.metrics is not None:
-                self.metrics.update(engine.stats())
+            if self.metrics is not None and \
+                    time.monotonic() - self._metrics_at >= METRICS_INTERVAL_S:
+                self._update_metrics()
 
     def _drain_commands(self, block: bool) -> None:
         try:
@@ -173,7 +177,11 @@ class EngineBridge:
             except Exception:
                 logger.exception("idle callback failed")
         if self.metrics is not None:
-            self.metrics.update(self.engine.stats())
+            self._update_metrics()
+
+    def _update_metrics(self) -> None:
+        self._metrics_at = time.monotonic()
+        self.metrics.update(self.engine.stats())
 
     def _fail_all(self, error: Exception) -> None:
         for request_id in list(self._streams):

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from loraplex.server.logs import setup_logging
 
 if TYPE_CHECKING:  # the engine side is imported lazily: client commands start fast
+    from loraplex.scheduler.engine import EngineConfig
     from loraplex.server.config import ServeConfig
 
 logger = logging.getLogger("loraplex")
@@ -90,14 +91,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def engine_config(args: argparse.Namespace) -> "EngineConfig":
+    """The engine flags `serve` and `generate` share → `EngineConfig`."""
+    from loraplex.memory.config import MemoryConfig
+    from loraplex.scheduler.config import SchedulerConfig
+    from loraplex.scheduler.engine import EngineConfig
+
+    return EngineConfig(
+        model=args.model, dtype=args.dtype, device=args.device,
+        memory=MemoryConfig(pool_bytes=args.pool_mib * 2**20, max_rank=args.max_rank,
+                            max_resident_adapters=args.max_resident_adapters),
+        scheduler=SchedulerConfig(max_num_batched_tokens=args.max_batched_tokens,
+                                  max_num_seqs=args.max_num_seqs,
+                                  max_adapters_per_batch=args.max_adapters_per_batch))
+
+
 def serve_config(args: argparse.Namespace) -> "ServeConfig":
     from loraplex.server.config import ServeConfig, default_store_dir
 
-    return ServeConfig.for_engine(
-        args.model, device=args.device, dtype=args.dtype, pool_bytes=args.pool_mib * 2**20,
-        max_rank=args.max_rank, max_resident_adapters=args.max_resident_adapters,
-        max_batched_tokens=args.max_batched_tokens, max_num_seqs=args.max_num_seqs,
-        max_adapters_per_batch=args.max_adapters_per_batch, host=args.host, port=args.port, served_model_name=args.served_model_name,
+    return ServeConfig(
+        engine=engine_config(args), host=args.host, port=args.port,
+        served_model_name=args.served_model_name,
         adapters=tuple((n, Path(p)) for n, p in args.adapter),
         adapter_dirs=tuple(args.adapter_dir),
         adapter_store=None if args.no_uploads else (args.adapter_store or default_store_dir()),
@@ -161,13 +175,7 @@ def generate(args: argparse.Namespace) -> int:
     from loraplex.scheduler.engine import Engine
 
     setup_logging()
-    config = serve_config(argparse.Namespace(**{**vars(args), "host": "127.0.0.1", "port": 8000,
-                                                "served_model_name": None, "adapter_dir": [],
-                                                "adapter_store": None, "no_uploads": True,
-                                                "allow_adapter_path": [], "api_keys": None,
-                                                "max_upload_mib": 1, "drain_timeout": 0,
-                                                "log_format": "text"}))
-    engine = Engine(config.engine)
+    engine = Engine(engine_config(args))
     for name, path in args.adapter:
         engine.add_adapter(name, path)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,

@@ -6,9 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loraplex.memory.config import MemoryConfig
 from loraplex.model.weights import cache_root
-from loraplex.scheduler.config import SchedulerConfig
 from loraplex.scheduler.engine import EngineConfig
 
 
@@ -51,19 +49,3 @@ class ServeConfig:
         names = [n for n, _ in self.adapters]
         if len(set(names)) != len(names):
             raise ValueError("adapters: the same name is given twice")
-
-    @staticmethod
-    def for_engine(model: str | None = None, *, device: str = "auto", dtype: str | None = None,
-                   pool_bytes: int = 512 * 2**20, num_pages: int | None = None,
-                   max_rank: int = 64, max_resident_adapters: int = 64,
-                   max_batched_tokens: int = 2048, max_num_seqs: int = 256,
-                   max_adapters_per_batch: int | None = None,
-                   **serve: object) -> ServeConfig:
-        memory = MemoryConfig(pool_bytes=pool_bytes, num_pages=num_pages, max_rank=max_rank,
-                              max_resident_adapters=max_resident_adapters)
-        scheduler = SchedulerConfig(max_num_batched_tokens=max_batched_tokens,
-                                    max_num_seqs=max_num_seqs,
-                                    max_adapters_per_batch=max_adapters_per_batch)
-        engine = EngineConfig(model=model, dtype=dtype, device=device, memory=memory,
-                              scheduler=scheduler)
-        return ServeConfig(engine=engine, **serve)  # type: ignore[arg-type]

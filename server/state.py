@@ -4,7 +4,6 @@ that hand it out: `get_state`, `get_tenant`."""
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import time
 import uuid
@@ -44,7 +43,6 @@ class ServerState:
     """(owner, name) of replaced store adapters whose old versions may be removable."""
     admin_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     """Serialises adapter creation, replacement and deletion."""
-    _ids: itertools.count = field(default_factory=itertools.count)
 
     def new_id(self, prefix: str) -> str:
         return f"{prefix}-{uuid.uuid4().hex[:20]}"
