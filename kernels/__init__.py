@@ -21,12 +21,22 @@ from loraplex.kernels.lora import (
     lora_shrink_segments,
     lora_shrink_segments_ref,
 )
+from loraplex.kernels.lora_apply import (
+    lora_apply,
+    lora_apply_ref,
+    lora_apply_segments,
+    lora_apply_segments_ref,
+)
 from loraplex.kernels.shira import shira_gather, shira_gather_ref
 
 __all__ = [
     "KernelArgumentError",
     "dora_scale",
     "dora_scale_ref",
+    "lora_apply",
+    "lora_apply_ref",
+    "lora_apply_segments",
+    "lora_apply_segments_ref",
     "lora_expand",
     "lora_expand_ref",
     "lora_expand_segments",

@@ -15,7 +15,9 @@ from functools import lru_cache
 import torch
 
 KERNELS_ENV = "LORAPLEX_KERNELS"
-"""`ref` forces the torch references everywhere; anything else lets CUDA use Triton."""
+"""`ref` forces the torch references everywhere; `triton` forces the Triton twins on any device
+(on the CPU that needs TRITON_INTERPRET=1: tests of the engine's Triton path); anything else
+lets CUDA use Triton."""
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -31,10 +33,11 @@ def has_triton() -> bool:
 
 
 def use_triton(device: torch.device | str) -> bool:
-    """True only on CUDA, with triton importable, unless `LORAPLEX_KERNELS=ref`."""
-    if os.environ.get(KERNELS_ENV, "") == "ref":
+    """True on CUDA with triton importable, unless `LORAPLEX_KERNELS=ref`; `=triton`: anywhere."""
+    choice = os.environ.get(KERNELS_ENV, "")
+    if choice == "ref":
         return False
-    return torch.device(device).type == "cuda" and has_triton()
+    return (choice == "triton" or torch.device(device).type == "cuda") and has_triton()
 
 
 def triton_twin(ref: Callable) -> Callable | None:

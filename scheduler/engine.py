@@ -26,10 +26,11 @@ from loraplex.model.adapters.peft import load_peft_adapter
 from loraplex.model.config import ModelConfig, parse_dtype
 from loraplex.model.models.llama import LlamaModel
 from loraplex.model.runner import ModelRunner
+from loraplex.model.shira_fuse import FUSE_MIN_TOKENS
 from loraplex.model.sampler import Sampler, SamplingParams, make_generator
 from loraplex.model.tokenizer import IncrementalDetokenizer, StopChecker, Tokenizer
 from loraplex.model.weights import load_weights, resolve_model_dir
-from loraplex.scheduler.batch import StepOutput
+from loraplex.scheduler.batch import Batch, StepOutput
 from loraplex.scheduler.config import SchedulerConfig
 from loraplex.scheduler.errors import (
     AdapterNameError,
@@ -66,6 +67,10 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     load_tokenizer: bool = True
     """False for token-id-only use (tiny test models ship no tokenizer)."""
+    cuda_graphs: bool = True
+    """Replay captured CUDA graphs for decode-only steps (CUDA with the Triton kernels only)."""
+    shira_fusion: bool = True
+    """Scatter a SHiRA adapter into the base weights when a whole batch runs it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +123,10 @@ class Engine:
                                    host_cache=self.host_cache, prefetcher=self.prefetcher)
         self._tenant_deadlines: dict[str, float] = {}
         self._adapter_loads: list[AdapterLoad] = []
-        self.runner = ModelRunner(self.model, self.kv_layout)
+        page_size = config.memory.page_size
+        self.runner = ModelRunner(self.model, self.kv_layout, cuda_graphs=config.cuda_graphs,
+                                  max_batch=config.scheduler.max_num_seqs,
+                                  max_pages=-(-self.max_model_len // page_size))
         self.sampler = Sampler()
         self.adapters: dict[str, AdapterRecord] = {}
         self._seqs: dict[str, Sequence] = {}
@@ -147,7 +155,15 @@ class Engine:
     def _read_adapter(self, record: AdapterRecord) -> AdapterWeights:
         return load_peft_adapter(record.path, self.model_config,
                                  max_rank=self.config.memory.max_rank,
-                                 base_weight=self.model.base_weight)
+                                 base_weight=self._base_weight)
+
+    def _base_weight(self, layer: int, module: str) -> torch.Tensor:
+        """DoRA's norm needs the base weight as loaded, even while a SHiRA adapter is fused
+        into it (a snapshot taken under the fusion's lock; this runs on the prefetch thread)."""
+        if not self.config.shira_fusion:
+            return self.model.base_weight(layer, module)
+        with self.runner.shira.lock:
+            return self.runner.shira.pristine_weight(layer, module)
 
     def _fetch_adapter(self, record: AdapterRecord) -> AdapterWeights:
         """The residency's loader: host cache first, disk on a miss (timed for metrics)."""
@@ -322,8 +338,9 @@ class Engine:
         self.scheduler.failed.clear()
         if batch is None:
             return outputs
-        logits = self.runner.run(batch)
         by_id = {s.seq_id: s for s in self.scheduler.running}
+        batch.shira_fused = self._shira_fusion_key(batch, by_id)
+        logits = self.runner.run(batch)
         seqs = [by_id[i] for i in batch.sample_seq_ids]
         sample = self.sampler.sample(logits, [s.request.params for s in seqs],
                                      [s.generator for s in seqs])
@@ -337,6 +354,23 @@ class Engine:
         for seq in self.scheduler.update(batch, step):
             outputs.append(self._advance_text(seq))
         return outputs
+
+    def _shira_fusion_key(self, batch: Batch, by_id: dict[int, Sequence]
+                          ) -> tuple[AdapterRecord, int] | None:
+        """(record, slot) when every token of `batch` runs one SHiRA adapter and fusing it
+        pays (enough tokens, or it is fused already); else None (the gather path)."""
+        slots = batch.shira_token_slots
+        if not self.config.shira_fusion or slots is None or batch.lora_token_slots is not None:
+            return None
+        slot = int(slots[0])
+        if slot < 0 or not bool((slots == slot).all()):
+            return None
+        record = by_id[batch.seq_ids[0]].request.adapter
+        active = self.runner.shira.active
+        fused_now = active is not None and active[0] is record and active[1] == slot
+        if batch.num_tokens < FUSE_MIN_TOKENS and not fused_now:
+            return None
+        return record, slot
 
     def _advance_text(self, seq: Sequence) -> RequestOutput:
         state = self._text.get(seq.seq_id)

@@ -13,8 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from loraplex.kernels.attention import paged_attention, write_kv
-from loraplex.kernels.dora import dora_scale
-from loraplex.kernels.lora import lora_expand, lora_shrink
+from loraplex.kernels.lora_apply import lora_apply, lora_apply_segments
 from loraplex.kernels.shira import shira_gather
 from loraplex.model.config import TARGET_MODULES, ModelConfig
 
@@ -36,6 +35,8 @@ class ForwardContext:
     lora_token_slots: torch.Tensor | None  # [T] int64, -1: none; None: no LoRA/DoRA token
     shira_token_slots: torch.Tensor | None  # [T] int64, -1: none; None: no SHiRA token
     has_dora: bool = False
+    lora_seg_starts: torch.Tensor | None = None  # [B + 1] prefill: the LoRA segments (sequences)
+    lora_seg_slots: torch.Tensor | None = None  # [B] their slots; None: decode form per token
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -174,23 +175,29 @@ class LlamaModel:
         """y = W x (+ adapters on each module's slice of y) + b; DoRA scales before the bias."""
         y = x @ weight.T
         if ctx.tables is not None:
-            start = 0
-            for m in modules:
-                d_out = self.config.module_shape(TARGET_MODULES[m])[0]
-                self._add_adapters(layer, m, x, y[:, start:start + d_out], ctx)
-                start += d_out
+            self._add_adapters(layer, modules, x, y, ctx)
         return y if bias is None else y + bias
 
-    def _add_adapters(self, layer: int, m: int, x: torch.Tensor, y: torch.Tensor,
-                      ctx: ForwardContext) -> None:
+    def _add_adapters(self, layer: int, modules: tuple[int, ...], x: torch.Tensor,
+                      y: torch.Tensor, ctx: ForwardContext) -> None:
+        """Every adapter of the batch on the fused output y (slices of consecutive modules)."""
         t = ctx.tables
-        a_rows, b_rows = t.a_rows[layer, m], t.b_rows[layer, m]
-        ranks, scales = t.ranks[layer, m], t.scales[layer, m]
+        sizes = tuple(self.config.module_shape(TARGET_MODULES[m])[0] for m in modules)
+        ms = slice(modules[0], modules[-1] + 1)
         if ctx.lora_token_slots is not None:
-            hidden = lora_shrink(x, ctx.pool_flat, a_rows, ranks, ctx.lora_token_slots)
-            lora_expand(hidden, ctx.pool_flat, b_rows, ranks, scales, ctx.lora_token_slots, y)
-            if ctx.has_dora:
-                dora_scale(y, ctx.pool_flat, t.g_rows[layer, m], ctx.lora_token_slots)
+            tables = (t.a_rows[layer, ms], t.b_rows[layer, ms], t.ranks[layer, ms],
+                      t.scales[layer, ms])
+            g_rows = t.g_rows[layer, ms] if ctx.has_dora else None
+            if ctx.lora_seg_slots is None:
+                lora_apply(x, ctx.pool_flat, *tables, ctx.lora_token_slots, y, sizes, g_rows)
+            else:
+                lora_apply_segments(x, ctx.pool_flat, *tables, ctx.lora_seg_starts,
+                                    ctx.lora_seg_slots, y, sizes, g_rows)
         if ctx.shira_token_slots is not None:
-            shira_gather(x, ctx.pool_flat, ctx.pool_flat.view(torch.int32), a_rows, b_rows,
-                         ranks, scales, ctx.shira_token_slots, y)
+            start = 0
+            for m, d_out in zip(modules, sizes):
+                shira_gather(x, ctx.pool_flat, ctx.pool_flat.view(torch.int32),
+                             t.a_rows[layer, m], t.b_rows[layer, m], t.ranks[layer, m],
+                             t.scales[layer, m], ctx.shira_token_slots,
+                             y[:, start:start + d_out])
+                start += d_out

@@ -34,6 +34,7 @@ from loraplex.kernels.lora import (  # noqa: E402
     lora_shrink_ref,
     lora_shrink_segments_ref,
 )
+from loraplex.kernels.lora_apply import lora_apply_ref, lora_apply_segments_ref  # noqa: E402
 from loraplex.kernels.shira import shira_gather_ref  # noqa: E402
 
 ON_CUDA = torch.cuda.is_available()
@@ -541,7 +542,8 @@ def test_public_expand_with_g_rows_equals_expand_then_dora_scale() -> None:
 
 def test_every_reference_has_a_triton_twin_with_its_signature() -> None:
     refs = [lora_shrink_ref, lora_expand_ref, lora_shrink_segments_ref, lora_expand_segments_ref,
-            dora_scale_ref, shira_gather_ref, write_kv_ref, paged_attention_ref]
+            dora_scale_ref, shira_gather_ref, write_kv_ref, paged_attention_ref, lora_apply_ref,
+            lora_apply_segments_ref]
     for ref in refs:
         twin = dispatch.triton_twin(ref)
         assert twin is not None, f"{ref.__name__} has no Triton twin"

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# One device call for the engine's GPU path (issues 4 and 5), in order of importance:
+#   1. fp32 engine tests on the Triton path with CUDA graphs (parity with transformers + peft,
+#      batching, SHiRA fusion, lifecycle)            → $OUT/engine_fp32.log
+#   2. the real-shape load test (loadtest/gpu_load.py) → $OUT/gpu_load/ (report.md, summary.json)
+#   3. bf16 parity                                     → $OUT/engine_bf16.log
+# Run from the repository root:  OUT=gpu_out bash loadtest/gpu_session.sh [load-test budget s]
+set -u
+OUT=${OUT:-gpu_out}
+LOAD_BUDGET=${1:-150}
+mkdir -p "$OUT"
+PY=${PY:-.venv/bin/python}
+[ -x "$PY" ] || PY=python3
+unset TRITON_INTERPRET LORAPLEX_KERNELS
+export PYTHONUNBUFFERED=1
+if ! "$PY" -c "import loraplex.kernels" 2>/dev/null; then  # a bare device machine
+    mkdir -p /tmp/loraplex_ns/loraplex
+    for d in server scheduler memory model kernels clients loadtest; do
+        ln -sfn "$PWD/$d" "/tmp/loraplex_ns/loraplex/$d"
+    done
+    export PYTHONPATH="/tmp/loraplex_ns:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+start=$(date +%s)
+stamp() { echo "[$(( $(date +%s) - start )) s] $*" | tee -a "$OUT/summary.txt"; }
+"$PY" -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" | tee "$OUT/env.txt"
+
+stamp "engine fp32"
+LORAPLEX_TEST_DEVICE=cuda LORAPLEX_TEST_DTYPE=float32 timeout 130 "$PY" -m pytest -q -x \
+    -p no:cacheprovider tests/scheduler/test_engine_parity.py tests/scheduler/test_shira_fusion.py \
+    tests/scheduler/test_engine_batching.py tests/scheduler/test_engine_lifecycle.py \
+    > "$OUT/engine_fp32.log" 2>&1
+stamp "fp32 rc=$?"
+tail -n 6 "$OUT/engine_fp32.log"
+
+stamp "load test"
+timeout $((LOAD_BUDGET + 40)) "$PY" -m loraplex.loadtest.gpu_load --time-budget "$LOAD_BUDGET" \
+    --num-adapters 100 --rates 4,8,16,32,64 --duration 15 --max-drain 8 --out "$OUT/gpu_load" > "$OUT/gpu_load.log" 2>&1
+stamp "load rc=$?"
+tail -n 25 "$OUT/gpu_load.log"
+
+stamp "engine bf16"
+LORAPLEX_TEST_DEVICE=cuda LORAPLEX_TEST_DTYPE=bfloat16 timeout 60 "$PY" -m pytest -q \
+    -p no:cacheprovider tests/scheduler/test_engine_parity.py > "$OUT/engine_bf16.log" 2>&1
+stamp "bf16 rc=$?"
+tail -n 6 "$OUT/engine_bf16.log"
