@@ -2,6 +2,7 @@
 
 An adapter's rows (A: r × d_in, Bᵀ: r × d_out, DoRA g: 1 × d_out, SHiRA values and positions in
 rows of d_in + d_out) are packed into whole pages; kernels read them in place via `AdapterTables`.
+Prefetch loads an adapter unpinned ahead of need; on CUDA on a side stream (see `prefetch`).
 """
 
 from __future__ import annotations
@@ -89,6 +90,11 @@ class _Resident:
     num_pins: int = 0
     last_used: int = 0
     is_dropped: bool = False
+    is_prefetched: bool = False
+    """Loaded by `prefetch` and not acquired since."""
+    ready: object | None = None
+    """CUDA: the event recorded on the side stream after a prefetch's copies and row-table
+    writes; the compute stream waits on it before anything touches the slot or pages."""
 
 
 @dataclass(slots=True)
@@ -101,10 +107,20 @@ class AdapterResidency:
     num_slots: int
     tables: AdapterTables = field(init=False)
     num_loads: int = 0
+    """Adapters copied into the pool, prefetches included."""
     num_evictions: int = 0
+    num_prefetches: int = 0
+    """Loads by `prefetch`, ahead of admission (`num_loads` minus these: loads at admission)."""
+    num_prefetch_hits: int = 0
+    """Acquires that found an adapter a prefetch had loaded (a load the admission was spared)."""
+    num_prefetches_unused: int = 0
+    """Prefetched adapters evicted before any acquire (wasted copies)."""
+    num_resident_acquires: int = 0
+    """Acquires that found the adapter resident, for any reason (no load at admission)."""
     _resident: dict[int, _Resident] = field(default_factory=dict)
     _free_slots: list[int] = field(default_factory=list)
     _clock: int = 0
+    _side_stream: object | None = None
 
     def __post_init__(self) -> None:
         device = self.pool.tensor.device
@@ -149,6 +165,11 @@ class AdapterResidency:
         entry = self._resident.get(record.uid)
         if entry is None:
             entry = self._load(record, weights())
+        else:
+            self.num_resident_acquires += 1
+            self.num_prefetch_hits += entry.is_prefetched
+            entry.is_prefetched = False
+            self._wait_ready(entry)  # the forward that reads it comes after
         entry.num_pins += 1
         entry.last_used = self._clock
         return entry.slot
@@ -180,9 +201,71 @@ class AdapterResidency:
             freed += self._evict(min(idle)[1])
         return freed
 
+    # ---- prefetch ------------------------------------------------------------------------
+    def prefetch(self, record: AdapterRecord, weights: Callable[[], AdapterWeights], *,
+                 keep: set[int], reserve_pages: int) -> bool:
+        """Load `record` unpinned, ahead of its request's admission: an idle resident, evicted
+        LRU like any other. Makes room only from free pages and idle adapters whose uid is not
+        in `keep` (never a pinned one), leaving `reserve_pages` free. False, having changed
+        nothing, when that is not enough (or it is resident already).
+
+        On CUDA the page and row-table writes go on a side stream, ordered after all work
+        already queued on the compute stream (which may still read pages or write the slot
+        just freed) and followed by an event; `acquire` and eviction make the compute stream
+        wait on that event before anything reads or reuses the slot or its pages.
+        """
+        if record.uid in self._resident:
+            return False
+        victims = self._prefetch_victims(record.num_pages + reserve_pages, keep)
+        if victims is None:
+            return False
+        w = weights()
+        placement = self._place(w)
+        assert placement.num_pages == record.num_pages, f"adapter {record.name}: stale num_pages"
+        for uid in victims:
+            self._evict(uid)
+        device = self.pool.tensor.device
+        if device.type == "cuda":
+            if self._side_stream is None:
+                self._side_stream = torch.cuda.Stream(device)
+            side = self._side_stream
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                entry = self._load(record, w, placement)
+                entry.ready = torch.cuda.Event()
+                entry.ready.record(side)
+        else:
+            entry = self._load(record, w, placement)
+        self._clock += 1
+        entry.last_used = self._clock  # about to be used: evicted after older idle ones
+        entry.is_prefetched = True
+        self.num_prefetches += 1
+        return True
+
+    def _prefetch_victims(self, num_pages: int, keep: set[int]) -> list[int] | None:
+        """Idle adapters outside `keep`, LRU first, whose eviction gives a slot and `num_pages`
+        free pages (None: not enough)."""
+        free, has_slot, victims = self.pool.num_free_pages, bool(self._free_slots), []
+        idle = sorted((r.last_used, uid) for uid, r in self._resident.items()
+                      if r.num_pins == 0 and uid not in keep)
+        for _, uid in idle:
+            if has_slot and free >= num_pages:
+                break
+            victims.append(uid)
+            free, has_slot = free + len(self._resident[uid].pages), True
+        return victims if has_slot and free >= num_pages else None
+
+    def _wait_ready(self, entry: _Resident) -> None:
+        """Order the compute stream after a prefetch's side-stream writes (a GPU-side wait)."""
+        if entry.ready is not None:
+            torch.cuda.current_stream(self.pool.tensor.device).wait_event(entry.ready)
+            entry.ready = None
+
     # ---- internals -----------------------------------------------------------------------
     def _evict(self, uid: int) -> int:
         entry = self._resident.pop(uid)
+        self._wait_ready(entry)  # its copy may still be writing the slot and pages freed here
+        self.num_prefetches_unused += entry.is_prefetched
         t = self.tables
         t.ranks[:, :, entry.slot] = 0
         t.g_rows[:, :, entry.slot] = -1
@@ -206,8 +289,9 @@ class AdapterResidency:
             raise OutOfPagesError(f"all {self.num_slots} adapter slots are pinned")
         self._evict(min(idle)[1])
 
-    def _load(self, record: AdapterRecord, weights: AdapterWeights) -> _Resident:
-        placement = self._place(weights)
+    def _load(self, record: AdapterRecord, weights: AdapterWeights,
+              placement: _Placement | None = None) -> _Resident:
+        placement = placement or self._place(weights)
         self._make_room(placement.num_pages)
         pages = self.pool.allocate(placement.num_pages, PageUse.ADAPTER)
         slot = self._free_slots.pop()
@@ -239,18 +323,27 @@ class AdapterResidency:
                     g_rows[layer, m] = g[0]
             a_rows[layer, m, :n] = first
             scales[layer, m] = module.scale
-        t, dev = self.tables, self.pool.tensor.device
-        t.a_rows[:, :, slot] = a_rows.to(dev)
-        t.b_rows[:, :, slot] = b_rows.to(dev)
-        t.ranks[:, :, slot] = ranks.to(dev)
-        t.scales[:, :, slot] = scales.to(dev)
-        t.g_rows[:, :, slot] = g_rows.to(dev)
+        t, dev = self.tables, self._to_device
+        t.a_rows[:, :, slot] = dev(a_rows)
+        t.b_rows[:, :, slot] = dev(b_rows)
+        t.ranks[:, :, slot] = dev(ranks)
+        t.scales[:, :, slot] = dev(scales)
+        t.g_rows[:, :, slot] = dev(g_rows)
         entry = _Resident(slot=slot, pages=pages)
         self._resident[record.uid] = entry
         self.num_loads += 1
         logger.debug("adapter %s v%d loaded: slot %d, %d pages", record.name, record.version,
                      slot, len(pages))
         return entry
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` on the pool's device without the host waiting for the stream. Host-cache weights
+        are page-locked on CUDA (an asynchronous DMA; the caching host allocator keeps them
+        until it is done); small metadata is pageable, which CUDA stages at once (safe to free
+        on return). Never `pin_memory()` here: a page-locked allocation synchronizes the device,
+        which would make the host wait for a side-stream copy in flight."""
+        device = self.pool.tensor.device
+        return t.to(device, non_blocking=device.type == "cuda")
 
     def _place(self, weights: AdapterWeights) -> _Placement:
         elsize = self.pool.tensor.element_size()
@@ -280,11 +373,10 @@ class AdapterResidency:
 
         def put(dst_rows: torch.Tensor, rows: torch.Tensor, target: torch.Tensor) -> None:
             width = rows.shape[1]
-            index = (dst_rows[:, None] + torch.arange(width)).view(-1).to(target.device)
-            # Host-cache tensors are page-locked on CUDA: the copy is asynchronous and
-            # stream-ordered before the forward that reads these pages.
-            target[index] = rows.reshape(-1).to(device=target.device, dtype=target.dtype,
-                                                non_blocking=True)
+            arange = torch.arange(width, device=target.device)
+            index = (self._to_device(dst_rows)[:, None] + arange).view(-1)
+            # Converted on the device: a CPU-side cast would stage through pageable memory.
+            target[index] = self._to_device(rows.reshape(-1)).to(target.dtype)
 
         if isinstance(module, LoraModule):
             put(first, module.a, flat)
@@ -293,11 +385,13 @@ class AdapterResidency:
                 put(g, module.row_scale.view(1, -1), flat)
             return
         assert isinstance(module, ShiraModule), f"unknown adapter module {type(module)}"
-        width, num_rows = d_in + d_out, first.numel()
-        values = torch.zeros(num_rows * width, dtype=torch.float32)
-        values[: module.nnz] = module.values.float()
+        # Padded to whole rows on the device: only the (page-locked) non-zeros cross the bus.
+        width, num_rows, dev = d_in + d_out, first.numel(), flat.device
+        values = torch.zeros(num_rows * width, dtype=torch.float32, device=dev)
+        values[: module.nnz] = self._to_device(module.values).float()
         put(first, values.view(num_rows, width), flat)
-        positions = torch.zeros(num_rows * width, dtype=torch.int32)
-        positions[: module.nnz] = (module.rows.long() * d_in + module.cols.long()).int()
+        positions = torch.zeros(num_rows * width, dtype=torch.int32, device=dev)
+        positions[: module.nnz] = (self._to_device(module.rows).long() * d_in
+                                   + self._to_device(module.cols).long()).int()
         put(second * flat.element_size() // 4, positions.view(num_rows, width),
             flat.view(torch.int32))

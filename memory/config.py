@@ -24,6 +24,10 @@ class MemoryConfig:
     prefetch: bool = True
     """Read adapters that waiting requests need from disk into the host tier on a worker
     thread, ahead of admission; False reads them on the engine thread when admitted."""
+    device_prefetch: bool = True
+    """Copy adapters that waiting requests need from the host tier into spare pool pages ahead
+    of admission (on a side CUDA stream, overlapping the step's compute); they stay idle and
+    evictable until used. False loads them into the pool only when their request is admitted."""
 
     def __post_init__(self) -> None:
         for name in ("page_size", "max_rank", "max_resident_adapters", "pool_bytes"):

@@ -90,11 +90,16 @@ class HostCache:
 
     def put(self, record: AdapterRecord, weights: AdapterWeights) -> None:
         """Keep `weights` (most recently used), evicting LRU entries to stay in bounds."""
+        weights = self._pinned(weights)
         with self._lock:
             self._put_locked(record, weights)
 
     def put_if_room(self, record: AdapterRecord, weights: AdapterWeights) -> bool:
         """Keep `weights` only if that evicts nothing (registration must not push out hot ones)."""
+        with self._lock:
+            if self.num_bytes + weights.num_bytes > self.capacity_bytes:
+                return False
+        weights = self._pinned(weights)  # outside the lock: a copy of the whole adapter
         with self._lock:
             if self.num_bytes + weights.num_bytes > self.capacity_bytes:
                 return False
@@ -148,6 +153,15 @@ class HostCache:
         return len(self._entries)
 
     # ---- internals -----------------------------------------------------------------------
+    def _pinned(self, weights: AdapterWeights) -> AdapterWeights:
+        """Page-locked when this tier keeps pinned memory (a pool's side-stream copy from
+        pageable memory would make the host wait for it), else `weights` as they are."""
+        if not self.pin_memory or not weights.modules:
+            return weights
+        module = next(iter(weights.modules.values()))
+        first = module.a if isinstance(module, LoraModule) else module.values
+        return weights if first.is_pinned() else pin_weights(weights)
+
     def _get(self, record: AdapterRecord, prefetch: bool) -> tuple[AdapterWeights | None, bool]:
         """(weights, whether this call read them from disk)."""
         while True:

@@ -12,6 +12,7 @@ batches with SHiRA tokens or prefill run eagerly. Imports `model.models.llama` o
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from dataclasses import dataclass
@@ -140,9 +141,17 @@ class DecodeGraphs:
         t0 = time.perf_counter()
         bucket = key[0]
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._mempool, capture_error_mode="thread_local"):
-            logits = self.model.forward(self.input_ids[:bucket], ctx,
-                                        self.logits_indices[:bucket])
+        # A garbage collection inside the capture could free another graph (of an engine no
+        # longer referenced), whose reset is not permitted while a stream captures: collect
+        # first, then keep the collector off until the capture ends.
+        gc.collect()
+        gc.disable()
+        try:
+            with torch.cuda.graph(graph, pool=self._mempool, capture_error_mode="thread_local"):
+                logits = self.model.forward(self.input_ids[:bucket], ctx,
+                                            self.logits_indices[:bucket])
+        finally:
+            gc.enable()
         self._graphs[key] = _Captured(graph, logits, tables)
         logger.info("captured a decode graph for %d sequences%s in %.0f ms", bucket,
                     " with adapters" if key[1] else "", (time.perf_counter() - t0) * 1e3)

@@ -120,7 +120,8 @@ class Engine:
         self._init_memory(config.memory)
         self.scheduler = Scheduler(config.scheduler, self.pool, self.kv_layout, self.residency,
                                    self._fetch_adapter, eos, self.max_model_len,
-                                   host_cache=self.host_cache, prefetcher=self.prefetcher)
+                                   host_cache=self.host_cache, prefetcher=self.prefetcher,
+                                   device_prefetch=config.memory.device_prefetch)
         self._tenant_deadlines: dict[str, float] = {}
         self._adapter_loads: list[AdapterLoad] = []
         page_size = config.memory.page_size

@@ -4,7 +4,8 @@ Each step: every running sequence gets its next token (or prefill chunk) first, 
 then waiting sequences are admitted in `policy.admission_order` (fair between tenants, resident
 adapters first) while the token budget, the sequence cap, the adapter-load cap and the pool
 allow. When pages run out, idle adapters are evicted, then the newest running sequence is
-preempted (its K/V freed, recomputed later). Knows pages and token ids, never tensors' contents.
+preempted (its K/V freed, recomputed later). Last, adapters of requests still waiting are copied
+into spare pages (`prefetch`). Knows pages and token ids, never tensors' contents.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Callable, Iterator
+from itertools import chain
 
 import torch
 
@@ -31,6 +33,7 @@ from loraplex.scheduler.policy import (
     admission_order,
     is_aged,
 )
+from loraplex.scheduler.prefetch import needed_adapters, prefetch_to_pool
 from loraplex.scheduler.request import RequestStatus, Sequence
 
 logger = logging.getLogger(__name__)
@@ -47,11 +50,15 @@ class Scheduler:
                  residency: AdapterResidency,
                  load_adapter: Callable[[AdapterRecord], AdapterWeights],
                  eos_token_ids: tuple[int, ...], max_model_len: int, *,
-                 host_cache: HostCache | None = None, prefetcher: Prefetcher | None = None):
+                 host_cache: HostCache | None = None, prefetcher: Prefetcher | None = None,
+                 device_prefetch: bool = True):
         self.config = config
         self.host_cache = host_cache
         self.prefetcher = prefetcher
         """Reads adapters of waiting requests ahead (None: admission reads them itself)."""
+        self.device_prefetch = device_prefetch
+        """Copy adapters of waiting requests from the host tier into the pool ahead of
+        admission (`MemoryConfig.device_prefetch`; needs `host_cache`)."""
         self.tenants = TenantCounters()
         self._num_unfinished: dict[str, int] = {}
         """Tenant → its queued and running sequences (who is active, for the fairness lift)."""
@@ -139,8 +146,10 @@ class Scheduler:
         for seq, n in scheduled:
             self.tenants.charge(seq.request.tenant, n)
         self._prefetch_ahead()
-        if not preempted:
+        if not preempted:  # under pressure, neither admissions nor device prefetches
+            num_loads = self.residency.num_loads
             scheduled += self._admit_waiting(budget)  # charges as it admits: the order follows
+            self._prefetch_to_pool(self.residency.num_loads - num_loads)
         self._ran_batch = bool(scheduled)
         if not scheduled:
             return None
@@ -223,6 +232,20 @@ class Scheduler:
             if num_bytes >= self.prefetcher.cache.capacity_bytes // 2:
                 break  # `want` reads no further
         self.prefetcher.want(records)
+
+    def _prefetch_to_pool(self, num_loads_done: int) -> None:
+        """Copy adapters the next admissions need into spare pages (after this step's own
+        allocations; overlapping its forward on CUDA); with this step's admission loads, at most
+        `max_adapter_loads_per_step` loads."""
+        cap = self.config.max_adapter_loads_per_step
+        if not self.device_prefetch or self.host_cache is None or not self.waiting \
+                or (cap is not None and num_loads_done >= cap):
+            return
+        prefetch_to_pool(
+            self._order(dry_run=True), self.running, residency=self.residency,
+            host_cache=self.host_cache, load=self._load_adapter, layout=self.kv_layout,
+            keep=needed_adapters(chain(self.waiting, self.running)),
+            max_loads=None if cap is None else cap - num_loads_done)
 
     def _must_wait_for_disk(self, record: AdapterRecord) -> bool:
         """Leave a request whose adapter is still on disk to the prefetch worker, while other

@@ -61,6 +61,16 @@ class EngineStats:
     host_blocking_reads: int = 0
     """Adapters read from disk on the engine thread, a step waiting (cumulative; prefetch keeps
     this near zero). `host_cache_misses` counts every read from disk for a load, these too."""
+    device_prefetches: int = 0
+    """Adapters copied from the host tier into the pool ahead of admission (cumulative; also
+    counted in `device_adapter_loads`, of which the rest were loaded at admission)."""
+    device_prefetch_hits: int = 0
+    """Admissions that found their adapter resident thanks to a prefetch (cumulative)."""
+    device_prefetches_unused: int = 0
+    """Prefetched adapters evicted before any request used them (cumulative; wasted copies)."""
+    resident_adapter_admissions: int = 0
+    """Admissions that found their adapter already resident, prefetched or left from an earlier
+    use: no load in their step (cumulative)."""
 
     @property
     def kv_usage(self) -> float:
@@ -92,4 +102,7 @@ def snapshot(scheduler: Scheduler, pool: PagePool, host_cache: HostCache,
         device_adapter_loads=res.num_loads, device_adapter_evictions=res.num_evictions,
         adapter_loads=adapter_loads, num_early_aborts=scheduler.num_early_aborts,
         host_cache_capacity_bytes=hc.capacity_bytes, host_prefetches=hc.num_prefetches,
-        num_host_cached_adapters=hc.num_entries, host_blocking_reads=hc.num_blocking_reads)
+        num_host_cached_adapters=hc.num_entries, host_blocking_reads=hc.num_blocking_reads,
+        device_prefetches=res.num_prefetches, device_prefetch_hits=res.num_prefetch_hits,
+        device_prefetches_unused=res.num_prefetches_unused,
+        resident_adapter_admissions=res.num_resident_acquires)

@@ -43,6 +43,9 @@ _CUMULATIVE = {
     "num_early_aborts": ("early_aborts", ("deadline",)),
     "host_prefetches": ("host_prefetches", ()),
     "host_blocking_reads": ("host_blocking_reads", ()),
+    "device_prefetches": ("device_prefetches", ()),
+    "device_prefetches_unused": ("device_prefetches_unused", ()),
+    "resident_adapter_admissions": ("cache_hits", ("device",)),
 }
 
 
@@ -111,6 +114,12 @@ class Metrics:
             "loraplex_host_prefetches", "Adapters read from disk ahead of admission by a worker.")
         self.host_blocking_reads = self._counter(
             "loraplex_host_blocking_reads", "Adapter disk reads the engine thread waited for.")
+        self.device_prefetches = self._counter(
+            "loraplex_device_prefetches",
+            "Adapters copied into the pool ahead of admission for waiting requests.")
+        self.device_prefetches_unused = self._counter(
+            "loraplex_device_prefetches_unused",
+            "Prefetched adapters evicted before any request used them.")
         self.host_cache_capacity = self._gauge(
             "loraplex_host_cache_capacity_bytes", "Bound of the host-RAM adapter tier.")
         self.host_cached_adapters = self._gauge(

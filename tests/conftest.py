@@ -40,6 +40,7 @@ def make_engine(model_dir, *, num_pages: int = 256, page_size: int = 16, max_ran
                 max_batched_tokens: int = 256, max_resident_adapters: int = 16,
                 max_num_seqs: int = 64, max_adapters_per_batch: int | None = None,
                 host_cache_bytes: int = 2 * 2**30, prefetch: bool = True,
+                device_prefetch: bool = True,
                 fairness: bool = True, max_adapter_loads_per_step: int | None = 8,
                 max_wait_steps: int = 64, clock=None) -> Engine:
     """An fp32 CPU engine over a tiny model folder (no tokenizer); LORAPLEX_TEST_DEVICE and
@@ -49,7 +50,8 @@ def make_engine(model_dir, *, num_pages: int = 256, page_size: int = 16, max_ran
         model=str(model_dir), dtype=TEST_DTYPE, device=TEST_DEVICE, load_tokenizer=False,
         memory=MemoryConfig(page_size=page_size, num_pages=num_pages, max_rank=max_rank,
                             max_resident_adapters=max_resident_adapters,
-                            host_cache_bytes=host_cache_bytes, prefetch=prefetch),
+                            host_cache_bytes=host_cache_bytes, prefetch=prefetch,
+                            device_prefetch=device_prefetch),
         scheduler=SchedulerConfig(max_num_batched_tokens=max_batched_tokens,
                                   max_num_seqs=max_num_seqs,
                                   max_adapters_per_batch=max_adapters_per_batch,
