@@ -123,7 +123,7 @@ def _query_blocks(query_start_loc: torch.Tensor, num_tokens: int,
 def attention_into(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor,
                    v_cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
                    query_start_loc: torch.Tensor, sm_scale: float, block_n: int = 64,
-                   rows: int | None = None) -> None:
+                   rows: int | None = None, num_warps: int = 4) -> None:
     """paged_attention_ref's result written into out [T, H_q, D] (every query row is written)."""
     num_tokens, num_heads, head_dim = q.shape
     num_seqs, num_kv_heads = context_lens.shape[0], k_cache.shape[2]
@@ -145,7 +145,7 @@ def attention_into(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), GROUP=group, BLOCK_G=block_g,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        PRECISION=precision, num_warps=4)
+        PRECISION=precision, num_warps=num_warps)
 
 
 def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

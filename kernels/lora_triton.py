@@ -229,7 +229,7 @@ def shrink_split_k(num_tokens: int, num_slices: int, max_rank: int, d_in: int,
 
 def shrink_into(h: torch.Tensor, x: torch.Tensor, pool_flat: torch.Tensor, a_rows: torch.Tensor,
                 ranks: torch.Tensor, token_slots: torch.Tensor, split_k: int = 1,
-                block_r: int = 16, block_k: int = 256) -> None:
+                block_r: int = 16, block_k: int = 256, num_warps: int = 4) -> None:
     """Decode shrink of NS slices into h [NS, T, R] fp32 (last dim contiguous).
 
     split_k == 1 writes every element (zeros past a rank or without adapter); split_k > 1 adds
@@ -244,7 +244,8 @@ def shrink_into(h: torch.Tensor, x: torch.Tensor, pool_flat: torch.Tensor, a_row
     _shrink_kernel[grid](
         x, pool_flat, a_rows, ranks, token_slots, h, x.shape[1], max_rank, x.stride(0),
         a_rows.stride(0), a_rows.stride(1), ranks.stride(0), h.stride(0), h.stride(1),
-        BLOCK_R=block_r, BLOCK_K=block_k, SPLIT_K=split_k, VEC=_vec(pool_flat), num_warps=4)
+        BLOCK_R=block_r, BLOCK_K=block_k, SPLIT_K=split_k, VEC=_vec(pool_flat),
+        num_warps=num_warps)
 
 
 def lora_shrink_slices_triton(x: torch.Tensor, pool_flat: torch.Tensor, a_rows: torch.Tensor,
@@ -283,7 +284,7 @@ def lora_expand_slices_triton(h: torch.Tensor, pool_flat: torch.Tensor, b_rows: 
                               token_slots: torch.Tensor, out: torch.Tensor,
                               slice_sizes: tuple[int, ...] | None = None,
                               g_rows: torch.Tensor | None = None, block_n: int = 128,
-                              block_r: int = 16) -> None:
+                              block_r: int = 16, num_warps: int = 4) -> None:
     """`lora_expand_ref` for NS slices at once, each adding to its column range of `out`.
 
     h: [NS, T, R] fp32; b_rows: [NS, S, R]; ranks, scales (and DoRA's g_rows, optional): [NS, S];
@@ -303,7 +304,7 @@ def lora_expand_slices_triton(h: torch.Tensor, pool_flat: torch.Tensor, b_rows: 
         h, pool_flat, b_rows, ranks, scales, token_slots, g, out, *sizes, h.stride(0),
         h.stride(1), b_rows.stride(0), b_rows.stride(1), ranks.stride(0), stride_gn, stride_gs,
         out.stride(0), out.stride(1), HAS_G=g_rows is not None, BLOCK_R=block_r,
-        BLOCK_N=block_n, VEC=_vec(pool_flat), num_warps=4)
+        BLOCK_N=block_n, VEC=_vec(pool_flat), num_warps=num_warps)
 
 
 def lora_expand_triton(h: torch.Tensor, pool_flat: torch.Tensor, b_rows: torch.Tensor,

@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# One device call for the engine's GPU path (issues 4 and 5), in order of importance:
-#   1. fp32 engine tests on the Triton path with CUDA graphs (parity with transformers + peft,
-#      batching, SHiRA fusion, lifecycle)            → $OUT/engine_fp32.log
-#   2. the real-shape load test (loadtest/gpu_load.py) → $OUT/gpu_load/ (report.md, summary.json)
-#   3. bf16 parity                                     → $OUT/engine_bf16.log
-# Run from the repository root:  OUT=gpu_out bash loadtest/gpu_session.sh [load-test budget s]
+# One device call for the engine's GPU path (issues 4 and 5), stages in order of importance
+# (STAGES picks and orders them; default: engine load bf16):
+#   engine  fp32 engine tests on the Triton path with CUDA graphs (parity with transformers +
+#           peft, batching, SHiRA fusion, lifecycle, device prefetch)   → $OUT/engine_fp32.log
+#   load    the real-shape load test (loadtest/gpu_load.py)             → $OUT/gpu_load/
+#   bf16    bf16 parity                                                 → $OUT/engine_bf16.log
+#   bench   kernel and decode-step benchmarks, no reference timings     → $OUT/kernels.md/.json
+#   sweep   launch-parameter sweep of the decode kernels, each checked  → $OUT/kernels_sweep.*
+# Run from the repository root:  OUT=gpu_out STAGES="engine bench" bash loadtest/gpu_session.sh
 set -u
 OUT=${OUT:-gpu_out}
-LOAD_BUDGET=${1:-150}
+LOAD_BUDGET=${LOAD_BUDGET:-140}
+STAGES=${STAGES:-engine load bf16}
 mkdir -p "$OUT"
 PY=${PY:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
@@ -23,23 +27,33 @@ fi
 start=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - start )) s] $*" | tee -a "$OUT/summary.txt"; }
 "$PY" -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" | tee "$OUT/env.txt"
+ENGINE_TESTS="tests/scheduler/test_engine_parity.py tests/scheduler/test_shira_fusion.py
+    tests/scheduler/test_engine_batching.py tests/scheduler/test_engine_lifecycle.py"
+[ -f tests/scheduler/test_device_prefetch.py ] && ENGINE_TESTS="$ENGINE_TESTS tests/scheduler/test_device_prefetch.py"
 
-stamp "engine fp32"
-LORAPLEX_TEST_DEVICE=cuda LORAPLEX_TEST_DTYPE=float32 timeout 130 "$PY" -m pytest -q -x \
-    -p no:cacheprovider tests/scheduler/test_engine_parity.py tests/scheduler/test_shira_fusion.py \
-    tests/scheduler/test_engine_batching.py tests/scheduler/test_engine_lifecycle.py \
-    > "$OUT/engine_fp32.log" 2>&1
-stamp "fp32 rc=$?"
-tail -n 6 "$OUT/engine_fp32.log"
-
-stamp "load test"
-timeout $((LOAD_BUDGET + 40)) "$PY" -m loraplex.loadtest.gpu_load --time-budget "$LOAD_BUDGET" \
-    --num-adapters 100 --rates 4,8,16,32,64 --duration 15 --max-drain 8 --out "$OUT/gpu_load" > "$OUT/gpu_load.log" 2>&1
-stamp "load rc=$?"
-tail -n 25 "$OUT/gpu_load.log"
-
-stamp "engine bf16"
-LORAPLEX_TEST_DEVICE=cuda LORAPLEX_TEST_DTYPE=bfloat16 timeout 60 "$PY" -m pytest -q \
-    -p no:cacheprovider tests/scheduler/test_engine_parity.py > "$OUT/engine_bf16.log" 2>&1
-stamp "bf16 rc=$?"
-tail -n 6 "$OUT/engine_bf16.log"
+for stage in $STAGES; do
+    stamp "$stage"
+    case $stage in
+    engine)
+        LORAPLEX_TEST_DEVICE=cuda LORAPLEX_TEST_DTYPE=float32 timeout 130 "$PY" -m pytest -q \
+            -p no:cacheprovider $ENGINE_TESTS > "$OUT/engine_fp32.log" 2>&1
+        stamp "engine rc=$?"; tail -n 4 "$OUT/engine_fp32.log" ;;
+    load)
+        timeout $((LOAD_BUDGET + 40)) "$PY" -m loraplex.loadtest.gpu_load \
+            --time-budget "$LOAD_BUDGET" --num-adapters 100 --rates 4,8,16,32,64 --duration 15 \
+            --max-drain 8 --out "$OUT/gpu_load" > "$OUT/gpu_load.log" 2>&1
+        stamp "load rc=$?"; tail -n 25 "$OUT/gpu_load.log" ;;
+    bf16)
+        LORAPLEX_TEST_DEVICE=cuda LORAPLEX_TEST_DTYPE=bfloat16 timeout 60 "$PY" -m pytest -q \
+            -p no:cacheprovider tests/scheduler/test_engine_parity.py > "$OUT/engine_bf16.log" 2>&1
+        stamp "bf16 rc=$?"; tail -n 4 "$OUT/engine_bf16.log" ;;
+    bench)
+        timeout ${BENCH_TIMEOUT:-100} "$PY" -m loraplex.loadtest.bench_kernels --no-ref \
+            --skip prefill --out "$OUT" > "$OUT/bench.log" 2>&1
+        stamp "bench rc=$?"; tail -n 70 "$OUT/bench.log" ;;
+    sweep)
+        timeout ${SWEEP_TIMEOUT:-80} "$PY" -m loraplex.loadtest.bench_sweep --check --out "$OUT" \
+            > "$OUT/sweep.log" 2>&1
+        stamp "sweep rc=$?"; grep -E "failed|\[" "$OUT/sweep.log" ;;
+    esac
+done

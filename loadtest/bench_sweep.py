@@ -1,0 +1,182 @@
+"""A small launch-parameter sweep of the decode kernels at Llama-3-8B shapes (GPU).
+
+For decode attention (batches 32, 64, 128) and the decode LoRA shrink/expand (batch 64, 64
+distinct adapters of ranks 8–64), times each (block size, warps) choice as one call inside a
+CUDA graph over rotating input sets, next to the bytes it must move over the measured copy
+bandwidth. It reports; it changes no default. Every choice computes the same function (the
+interpreter tests cover block sizes); `--check` compares each result with the reference once.
+
+    python -m loraplex.loadtest.bench_sweep --out DIR      (kernels_sweep.json / .md)
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from loraplex.kernels.attention import paged_attention_ref
+from loraplex.kernels.lora import lora_expand_ref, lora_shrink_ref
+from loraplex.loadtest.bench_kernels import (
+    LLAMA3_8B,
+    TINY,
+    copy_bandwidth,
+    graph_time,
+    make_adapters,
+    make_decode_kv,
+    rotation,
+)
+
+
+def timed(calls: list, fn, device: torch.device) -> float:
+    """ms of one call of `fn`, replayed in a CUDA graph over every argument set in `calls`."""
+    def replay_all() -> None:
+        for args in calls:
+            fn(*args)
+
+    return graph_time(replay_all, device) / len(calls)
+
+
+def sweep_attention(dims, dtype, device, bandwidth, check: bool) -> list[dict]:
+    from loraplex.kernels.attention_triton import attention_into
+
+    rows = []
+    elem = torch.tensor([], dtype=dtype).element_size()
+    for batch in (32, 64, 128):
+        b = make_decode_kv(batch, dims.context, dims, dtype, device)
+        nbytes = batch * dims.context * 2 * dims.num_kv_heads * dims.head_dim * elem
+        out = torch.empty_like(b["q"])
+        args = (out, b["q"], b["k_cache"], b["v_cache"], b["block_tables"], b["context_lens"],
+                b["query_start_loc"], dims.head_dim ** -0.5)
+        want = paged_attention_ref(*args[1:]) if check else None
+        for block_n, warps in itertools.product((32, 64, 128), (2, 4, 8)):
+            def fn(*a, block_n=block_n, warps=warps):
+                attention_into(*a, block_n=block_n, num_warps=warps)
+            ms = timed([args], fn, device)
+            err = None
+            if want is not None:
+                out.fill_(float("nan"))
+                fn(*args)
+                err = ((out.float() - want.float()).norm() / want.float().norm()).item()
+            rows.append(dict(kernel="attention_decode", batch=batch, block_n=block_n,
+                             num_warps=warps, ms=ms, of_copy_bw=nbytes / (ms * 1e-3) / bandwidth,
+                             rel_err=err))
+        del b, out
+    return rows
+
+
+def sweep_lora(dims, dtype, device, bandwidth, check: bool, batch: int = 64) -> list[dict]:
+    from loraplex.kernels import lora_triton as lt
+
+    rows = []
+    gen = torch.Generator().manual_seed(3)
+    elem = torch.tensor([], dtype=dtype).element_size()
+    for module, d_in, d_out in (("q_proj", dims.hidden, dims.hidden),
+                                ("down_proj", dims.intermediate, dims.hidden)):
+        slots = torch.randperm(batch, generator=gen).to(device)
+        sets, nbytes = [], []
+        for _ in range(8):
+            p = make_adapters(batch, d_in, d_out, dtype, device, gen)
+            x = torch.randn(batch, d_in, generator=gen).to(dtype).to(device)
+            h = lora_shrink_ref(x, p["pool"], p["a_rows"], p["ranks"], slots)
+            out = torch.randn(batch, d_out, generator=gen).to(dtype).to(device)
+            sets.append((p, x, h, out))
+            nbytes.append(sum(p["rank_list"]) * min(d_in, d_out) * elem)
+            if len(sets) >= rotation(min(nbytes)):
+                break
+        adapter_bytes = sum(nbytes) / len(nbytes)
+        max_rank = sets[0][0]["a_rows"].shape[1]
+        shrink_bytes = adapter_bytes * d_in / min(d_in, d_out)
+        expand_bytes = adapter_bytes * d_out / min(d_in, d_out)
+        for block_k, warps, split in itertools.product((128, 256, 512), (2, 4, 8), (1, 2, 4)):
+            if split * block_k > d_in:
+                continue
+
+            def shrink(p, x, h, out, block_k=block_k, warps=warps, split=split):
+                hh = torch.zeros if split > 1 else torch.empty
+                buf = hh((1, batch, max_rank), dtype=torch.float32, device=device)
+                lt.shrink_into(buf, x, p["pool"], p["a_rows"][None], p["ranks"][None], slots,
+                               split_k=split, block_k=block_k, num_warps=warps)
+                return buf
+
+            ms = timed(sets, shrink, device)
+            err = None
+            if check:
+                p, x, h, _ = sets[0]
+                err = ((shrink(*sets[0])[0] - h).norm() / h.norm()).item()
+            rows.append(dict(kernel="lora_shrink", module=module, batch=batch, block=block_k,
+                             num_warps=warps, split_k=split, ms=ms,
+                             of_copy_bw=(shrink_bytes + batch * d_in * elem) / (ms * 1e-3)
+                             / bandwidth, rel_err=err))
+        for block_n, warps, block_r in itertools.product((64, 128, 256), (2, 4, 8), (16, 32)):
+            def expand(p, x, h, out, block_n=block_n, warps=warps, block_r=block_r):
+                lt.lora_expand_slices_triton(h[None], p["pool"], p["b_rows"][None],
+                                             p["ranks"][None], p["scales"][None], slots, out,
+                                             block_n=block_n, block_r=block_r, num_warps=warps)
+
+            ms = timed(sets, expand, device)
+            err = None
+            if check:
+                p, x, h, out = sets[0]
+                want = out.clone()
+                lora_expand_ref(h, p["pool"], p["b_rows"], p["ranks"], p["scales"], slots, want)
+                got = out.clone()
+                expand(p, x, h, got)
+                err = ((got.float() - want.float()).norm() / want.float().norm()).item()
+            rows.append(dict(kernel="lora_expand", module=module, batch=batch, block=block_n,
+                             block_r=block_r, num_warps=warps, ms=ms,
+                             of_copy_bw=(expand_bytes + 2 * batch * d_out * elem) / (ms * 1e-3)
+                             / bandwidth, rel_err=err))
+        del sets
+    return rows
+
+
+def table(rows: list[dict], bandwidth: float) -> str:
+    keys = ["kernel", "module", "batch", "block", "block_n", "block_r", "num_warps", "split_k",
+            "ms", "of_copy_bw", "rel_err"]
+    lines = [f"copy bandwidth {bandwidth / 1e9:.0f} GB/s", "",
+             "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    for r in rows:
+        cells = []
+        for k in keys:
+            v = r.get(k)
+            cells.append("" if v is None else f"{v:.0%}" if k == "of_copy_bw"
+                         else f"{v:.4f}" if k == "ms" else f"{v:.1e}" if k == "rel_err"
+                         else str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes (interpreter on CPU)")
+    parser.add_argument("--check", action="store_true", help="compare each choice with the ref")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dims = TINY if args.smoke else LLAMA3_8B
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    bandwidth = copy_bandwidth(device)
+    rows: list[dict] = []
+    for name, part in (("attention", sweep_attention), ("lora", sweep_lora)):
+        t0 = time.perf_counter()
+        try:
+            rows += part(dims, dtype, device, bandwidth, args.check)
+        except Exception as error:  # noqa: BLE001 (report the other part all the same)
+            print(f"[{name} failed: {error!r}]"[:2000], flush=True)
+        print(f"[{name}: {time.perf_counter() - t0:.0f} s]", flush=True)
+    report = table(rows, bandwidth)
+    print(report)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "kernels_sweep.json").write_text(json.dumps(
+            dict(copy_bandwidth=bandwidth, rows=rows), indent=1))
+        (args.out / "kernels_sweep.md").write_text(report + "\n")
+
+
+if __name__ == "__main__":
+    main()
