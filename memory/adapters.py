@@ -372,11 +372,20 @@ class AdapterResidency:
         flat = self.pool.tensor.view(-1)
 
         def put(dst_rows: torch.Tensor, rows: torch.Tensor, target: torch.Tensor) -> None:
+            """rows[i] → target[dst_rows[i] : + width]: one copy per run of adjacent rows (the
+            packer lays a module's rows end to end within a page)."""
             width = rows.shape[1]
-            arange = torch.arange(width, device=target.device)
-            index = (self._to_device(dst_rows)[:, None] + arange).view(-1)
-            # Converted on the device: a CPU-side cast would stage through pageable memory.
-            target[index] = self._to_device(rows.reshape(-1)).to(target.dtype)
+            starts = dst_rows.tolist()
+            i = 0
+            while i < len(starts):
+                j = i + 1
+                while j < len(starts) and starts[j] == starts[j - 1] + width:
+                    j += 1
+                dst = target[starts[i]: starts[i] + (j - i) * width].view(j - i, width)
+                # From page-locked host memory (or the device) this is an asynchronous copy;
+                # a dtype change happens on the device.
+                dst.copy_(rows[i:j], non_blocking=True)
+                i = j
 
         if isinstance(module, LoraModule):
             put(first, module.a, flat)

@@ -154,9 +154,10 @@ class Engine:
 
     # ---- adapters ------------------------------------------------------------------------
     def _read_adapter(self, record: AdapterRecord) -> AdapterWeights:
-        return load_peft_adapter(record.path, self.model_config,
-                                 max_rank=self.config.memory.max_rank,
-                                 base_weight=self._base_weight)
+        weights = load_peft_adapter(record.path, self.model_config,
+                                    max_rank=self.config.memory.max_rank,
+                                    base_weight=self._base_weight)
+        return weights.cast(self.dtype)  # the pool's dtype: half the host bytes in bf16
 
     def _base_weight(self, layer: int, module: str) -> torch.Tensor:
         """DoRA's norm needs the base weight as loaded, even while a SHiRA adapter is fused

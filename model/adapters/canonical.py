@@ -6,7 +6,7 @@ into the pool; kernels never see these objects. Imports nothing of ours but the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -25,7 +25,8 @@ class LoraModule:
     scale: float
     """`lora_alpha / r`, or `lora_alpha / sqrt(r)` with rsLoRA (after alpha/rank patterns)."""
     row_scale: torch.Tensor | None = None
-    """[d_out] DoRA's `g = m / ‖W + scale·BA‖` per output row, fp32; None for plain LoRA."""
+    """[d_out] DoRA's `g = m / ‖W + scale·BA‖` per output row (fp32 as parsed); None for plain
+    LoRA."""
 
     @property
     def rank(self) -> int:
@@ -69,6 +70,24 @@ class AdapterWeights:
         ranks = [m.rank for m in self.modules.values() if isinstance(m, LoraModule)]
         return max(ranks, default=int(self.meta.get("r", 0) or 0))
 
+    def cast(self, dtype: torch.dtype) -> AdapterWeights:
+        """The same adapter with its floating-point values in `dtype` (the pool's: the host tier
+        then holds and copies exactly the bytes that land in the pool, rounded as they would be
+        there); indices unchanged. `self` when nothing changes."""
+        def to(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(dtype)
+
+        modules: dict[ModuleKey, LoraModule | ShiraModule] = {}
+        for key, m in self.modules.items():
+            if isinstance(m, LoraModule):
+                modules[key] = replace(m, a=to(m.a), b_t=to(m.b_t), row_scale=to(m.row_scale))
+            else:
+                modules[key] = replace(m, values=to(m.values))
+        if all(modules[k].__class__ is m.__class__ and _same(modules[k], m)
+               for k, m in self.modules.items()):
+            return self
+        return replace(self, modules=modules)
+
     @property
     def num_bytes(self) -> int:
         total = 0
@@ -79,3 +98,9 @@ class AdapterWeights:
             else:
                 total += m.rows.nbytes + m.cols.nbytes + m.values.nbytes
         return total
+
+
+def _same(a: LoraModule | ShiraModule, b: LoraModule | ShiraModule) -> bool:
+    if isinstance(a, LoraModule):
+        return a.a is b.a and a.b_t is b.b_t and a.row_scale is b.row_scale
+    return a.values is b.values

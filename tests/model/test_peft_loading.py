@@ -304,3 +304,25 @@ def test_shira_nnz_above_maximum(base, adapter_dirs):
     with pytest.raises(AdapterRankError):  # spec r=2 → nnz = 2·(d_in + d_out)
         _load(base, adapter_dirs["shira"], max_rank=1)
     _load(base, adapter_dirs["shira"], max_rank=2)
+
+
+@pytest.mark.parametrize("name", ["lora", "dora", "shira"])
+def test_cast_to_the_pool_dtype_keeps_values_and_indices(name, base, adapter_dirs):
+    """What the host tier holds for a bf16 pool: the parsed fp32 values rounded to bf16 (as the
+    pool would round them), indices untouched, half the bytes; a no-op cast returns itself."""
+    adapter = _load(base, adapter_dirs[name])
+    assert adapter.cast(torch.float32) is adapter
+    low = adapter.cast(torch.bfloat16)
+    assert low.num_bytes < adapter.num_bytes
+    for key, m in adapter.modules.items():
+        c = low.modules[key]
+        if name == "shira":
+            assert torch.equal(c.rows, m.rows) and torch.equal(c.cols, m.cols)
+            pairs = [(c.values, m.values)]
+        else:
+            pairs = [(c.a, m.a), (c.b_t, m.b_t)] + ([(c.row_scale, m.row_scale)]
+                                                   if m.row_scale is not None else [])
+        assert c.scale == m.scale
+        for got, want in pairs:
+            assert got.dtype == torch.bfloat16
+            assert torch.equal(got.float(), want.float().to(torch.bfloat16).float())
