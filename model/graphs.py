@@ -1,13 +1,21 @@
-"""CUDA graphs of decode steps: one captured forward per (batch bucket, with/without LoRA).
+"""CUDA graphs of engine steps: one captured forward per (kind, size bucket, with/without LoRA).
 
-A decode step of a big model is hundreds of small launches (eager: launch-bound); replaying a
-captured graph removes that overhead. A decode-only batch of B sequences is padded to the
-smallest bucket >= B: pad rows get token 0, no KV write (slot -1), an empty context and no
-adapter, so they touch nothing the real rows read. Inputs are copied into static buffers that
-the graphs were captured on; the first batch of each key runs eagerly on those buffers (which
-compiles and warms every kernel, and is that step's result) and is then captured. LoRA/DoRA
-graphs read the residency's row tables in place (they are updated in place, never replaced);
-batches with SHiRA tokens or prefill run eagerly. Imports `model.models.llama` only.
+A step of a big model is hundreds of small launches (eager: launch-bound); replaying a captured
+graph removes that overhead. Every kernel takes its sizes from device tensors (block tables,
+context lengths, query starts, segments), so only the token count and the sequence count are
+baked into a graph:
+
+- decode steps (one token per sequence, all sampling) of B sequences pad to a bucket Bb >= B;
+- mixed steps (prefill chunks, with or without decode tokens) of T tokens pad to a token bucket
+  Tb >= T, with the sequence count fixed at `max_batch + 1`: the extra sequence owns the pad
+  tokens, the rest are empty. LoRA runs per sequence segment there.
+
+Pad tokens get token 0, no KV write (slot -1), no adapter; pad sequences an empty context (their
+attention reads nothing). Inputs are copied into static buffers the graphs were captured on;
+the first step of each key runs eagerly on those buffers (which compiles and warms every kernel,
+and is that step's result), then is captured. LoRA/DoRA graphs read the residency's row tables
+in place (updated in place, never replaced); steps with SHiRA tokens run eagerly.
+Imports `model.models.llama` only.
 """
 
 from __future__ import annotations
@@ -28,12 +36,12 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
+TOKEN_BUCKETS = (16, 32, 64, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
 
 
-def buckets_up_to(max_batch: int) -> tuple[int, ...]:
-    """The capture sizes for batches of at most `max_batch` sequences (it included)."""
-    sizes = [b for b in BUCKETS if b < max_batch]
-    return (*sizes, max_batch)
+def buckets_up_to(limit: int, sizes: tuple[int, ...] = BUCKETS) -> tuple[int, ...]:
+    """The capture sizes for at most `limit` (it included)."""
+    return (*[b for b in sizes if b < limit], limit)
 
 
 def is_decode_only(batch: "Batch") -> bool:
@@ -45,101 +53,143 @@ def is_decode_only(batch: "Batch") -> bool:
 @dataclass(slots=True)
 class _Captured:
     graph: torch.cuda.CUDAGraph
-    logits: torch.Tensor  # [bucket, vocab] written by each replay
+    logits: torch.Tensor  # [rows, vocab] written by each replay
     tables: object | None  # the row tables captured (their tensors must stay the same)
 
 
-class DecodeGraphs:
-    """Captures lazily, replays for decode-only batches; `run` returns None when it cannot."""
+class StepGraphs:
+    """Captures lazily, replays; `run` returns None for a step it leaves to the eager path."""
 
-    def __init__(self, model: LlamaModel, max_batch: int, max_pages: int):
+    def __init__(self, model: LlamaModel, max_batch: int, max_pages: int,
+                 max_tokens: int = 0, *, capture: bool = True):
+        """`capture=False` runs every step eagerly on the padded static buffers (no graphs):
+        the padding, without CUDA, for tests."""
         self.model = model
         self.buckets = buckets_up_to(max_batch)
+        self.token_buckets = buckets_up_to(max_tokens, TOKEN_BUCKETS) if max_tokens > 0 else ()
         self.max_pages = max_pages
-        n, dev = self.buckets[-1], model.embed.device
+        self.num_seqs = max_batch + 1  # mixed graphs: every real sequence, plus one for pads
+        n = max(self.buckets[-1], *self.token_buckets)
+        b, dev = self.num_seqs, model.embed.device
         self.input_ids = torch.zeros(n, dtype=torch.int64, device=dev)
         self.positions = torch.zeros(n, dtype=torch.int64, device=dev)
         self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=dev)
-        self.block_tables = torch.zeros(n, max_pages, dtype=torch.int32, device=dev)
-        self.context_lens = torch.zeros(n, dtype=torch.int32, device=dev)
-        self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=dev)
         self.token_slots = torch.full((n,), -1, dtype=torch.int64, device=dev)
-        self.logits_indices = torch.arange(n, dtype=torch.int64, device=dev)
-        self._graphs: dict[tuple[int, bool], _Captured] = {}
-        self._mempool = torch.cuda.graph_pool_handle()
+        self.block_tables = torch.zeros(b, max_pages, dtype=torch.int32, device=dev)
+        self.context_lens = torch.zeros(b, dtype=torch.int32, device=dev)
+        self.query_start_loc = torch.arange(b + 1, dtype=torch.int32, device=dev)
+        self.seg_slots = torch.full((b,), -1, dtype=torch.int64, device=dev)
+        self.logits_indices = torch.arange(b, dtype=torch.int64, device=dev)
+        # Decode graphs: sequence i is token i, and every token samples (never overwritten).
+        self.decode_starts = torch.arange(n + 1, dtype=torch.int32, device=dev)
+        self.decode_rows = torch.arange(n, dtype=torch.int64, device=dev)
+        self._graphs: dict[tuple[str, int, bool], _Captured] = {}
+        self.capture = capture
+        self._mempool = torch.cuda.graph_pool_handle() if capture else None
         self._pool_ptr: int | None = None
+        self.num_steps = {"decode": 0, "mixed": 0}  # steps run here (replayed or not)
         self.num_replays = 0
 
-    def bucket(self, num_seqs: int) -> int | None:
-        for b in self.buckets:
-            if b >= num_seqs:
-                return b
-        return None
+    @staticmethod
+    def _fit(n: int, sizes: tuple[int, ...]) -> int | None:
+        return next((b for b in sizes if b >= n), None)
 
     def run(self, batch: "Batch", kv_caches: list, pool_flat: torch.Tensor) -> torch.Tensor | None:
-        """Logits [B, vocab] of a decode-only batch through a graph; None: run it eagerly."""
-        if batch.shira_token_slots is not None or not is_decode_only(batch):
+        """Logits [len(batch.logits_indices), vocab] through a graph; None: run it eagerly."""
+        if batch.shira_token_slots is not None or batch.block_tables.shape[1] > self.max_pages:
             return None
-        num_seqs = len(batch.seq_ids)
-        bucket = self.bucket(num_seqs)
-        if bucket is None or batch.block_tables.shape[1] > self.max_pages:
+        decode = is_decode_only(batch)
+        size = self._fit(len(batch.seq_ids), self.buckets) if decode \
+            else self._fit(batch.num_tokens, self.token_buckets)
+        num_rows = batch.logits_indices.shape[0]
+        if size is None or (not decode and num_rows > self.num_seqs):
             return None
         if self._pool_ptr != pool_flat.data_ptr():  # a new pool: every graph read the old one
             self._graphs.clear()
             self._pool_ptr = pool_flat.data_ptr()
         tables = batch.adapter_tables if batch.lora_token_slots is not None else None
-        self._fill(batch, num_seqs, bucket)
-        key = (bucket, tables is not None)
+        if decode:
+            self._fill_decode(batch, size)
+        else:
+            self._fill_mixed(batch, size)
+        key = ("decode" if decode else "mixed", size, tables is not None)
+        self.num_steps[key[0]] += 1
         captured = self._graphs.get(key)
         if captured is not None and captured.tables is tables:
             captured.graph.replay()
             self.num_replays += 1
-            return captured.logits[:num_seqs].clone()
-        ctx = self._context(bucket, kv_caches, pool_flat, tables)
-        logits = self.model.forward(self.input_ids[:bucket], ctx, self.logits_indices[:bucket])
-        self._capture(key, ctx, tables)
-        return logits[:num_seqs]
+            return captured.logits[:num_rows].clone()
+        ctx, rows = self._context(decode, size, kv_caches, pool_flat, tables)
+        logits = self.model.forward(self.input_ids[:size], ctx, rows)
+        if self.capture:
+            self._capture(key, ctx, rows, tables)
+        return logits[:num_rows]
 
-    def _fill(self, batch: "Batch", num_seqs: int, bucket: int) -> None:
-        """Copy the batch into the static buffers; rows num_seqs..bucket become padding."""
-        n = num_seqs
-        dev = self.input_ids.device
+    def _put(self, dst: torch.Tensor, src: torch.Tensor, end: int, pad: int) -> None:
+        """dst[:len(src)] = src; dst[len(src):end] = pad."""
+        n = src.shape[0]
+        dst[:n].copy_(src.to(dst.device, non_blocking=True))
+        dst[n:end].fill_(pad)
 
-        def put(dst: torch.Tensor, src: torch.Tensor, pad: int) -> None:
-            dst[:n].copy_(src.to(dev, non_blocking=True))
-            dst[n:bucket].fill_(pad)
-
-        put(self.input_ids, batch.input_ids, 0)
-        put(self.positions, batch.positions, 0)
-        put(self.slot_mapping, batch.slot_mapping, -1)  # pads write no KV
-        put(self.context_lens, batch.context_lens, 0)  # pads attend to nothing
+    def _fill_common(self, batch: "Batch", num_tokens: int, num_seqs: int) -> None:
+        put = self._put
+        put(self.input_ids, batch.input_ids, num_tokens, 0)
+        put(self.positions, batch.positions, num_tokens, 0)
+        put(self.slot_mapping, batch.slot_mapping, num_tokens, -1)  # pads write no KV
+        put(self.context_lens, batch.context_lens, num_seqs, 0)  # pads attend to nothing
         if batch.lora_token_slots is not None:
-            put(self.token_slots, batch.lora_token_slots, -1)
+            put(self.token_slots, batch.lora_token_slots, num_tokens, -1)
         width = batch.block_tables.shape[1]
-        self.block_tables[:bucket].zero_()
-        self.block_tables[:n, :width].copy_(batch.block_tables.to(dev, non_blocking=True))
+        self.block_tables[:num_seqs].zero_()
+        self.block_tables[:len(batch.seq_ids), :width].copy_(
+            batch.block_tables.to(self.block_tables.device, non_blocking=True))
 
-    def _context(self, bucket: int, kv_caches: list, pool_flat: torch.Tensor,
-                 tables: object | None) -> ForwardContext:
-        return ForwardContext(
-            positions=self.positions[:bucket],
-            slot_mapping=self.slot_mapping[:bucket],
-            block_tables=self.block_tables[:bucket],
-            context_lens=self.context_lens[:bucket],
-            query_start_loc=self.query_start_loc[:bucket + 1],
+    def _fill_decode(self, batch: "Batch", bucket: int) -> None:
+        """Decode rows num_seqs..bucket are pads (starts and logits rows: `decode_*`)."""
+        self._fill_common(batch, bucket, bucket)
+
+    def _fill_mixed(self, batch: "Batch", num_tokens: int) -> None:
+        """Sequence B owns pad tokens T..Tb; sequences past it are empty."""
+        b, t = len(batch.seq_ids), batch.num_tokens
+        self._fill_common(batch, num_tokens, self.num_seqs)
+        starts = torch.full((self.num_seqs + 1,), num_tokens, dtype=torch.int32)
+        starts[:b + 1] = batch.query_start_loc
+        self.query_start_loc.copy_(starts.to(self.query_start_loc.device, non_blocking=True))
+        self._put(self.logits_indices, batch.logits_indices, self.num_seqs, 0)
+        if batch.lora_token_slots is not None:
+            first = batch.query_start_loc[:-1].long().clamp(max=max(t - 1, 0))
+            self._put(self.seg_slots, batch.lora_token_slots[first], self.num_seqs, -1)
+
+    def _context(self, decode: bool, size: int, kv_caches: list, pool_flat: torch.Tensor,
+                 tables: object | None) -> tuple[ForwardContext, torch.Tensor]:
+        """The forward's context on the static buffers, and the logits rows to compute."""
+        num_seqs = size if decode else self.num_seqs
+        starts = self.decode_starts if decode else self.query_start_loc
+        rows = self.decode_rows[:size] if decode else self.logits_indices
+        ctx = ForwardContext(
+            positions=self.positions[:size],
+            slot_mapping=self.slot_mapping[:size],
+            block_tables=self.block_tables[:num_seqs],
+            context_lens=self.context_lens[:num_seqs],
+            query_start_loc=starts[:num_seqs + 1],
             kv_caches=kv_caches,
             pool_flat=pool_flat,
             tables=tables,
-            lora_token_slots=None if tables is None else self.token_slots[:bucket],
+            lora_token_slots=None if tables is None else self.token_slots[:size],
             shira_token_slots=None,
             # DoRA's g always rides in the expand epilogue (-1 rows: not DoRA), so one graph
             # serves batches with and without DoRA adapters.
             has_dora=tables is not None,
         )
+        if not decode and tables is not None:
+            ctx.lora_seg_starts = ctx.query_start_loc
+            ctx.lora_seg_slots = self.seg_slots
+        return ctx, rows
 
-    def _capture(self, key: tuple[int, bool], ctx: ForwardContext, tables: object | None) -> None:
+    def _capture(self, key: tuple[str, int, bool], ctx: ForwardContext, rows: torch.Tensor,
+                 tables: object | None) -> None:
         t0 = time.perf_counter()
-        bucket = key[0]
+        size = key[1]
         graph = torch.cuda.CUDAGraph()
         # A garbage collection inside the capture could free another graph (of an engine no
         # longer referenced), whose reset is not permitted while a stream captures: collect
@@ -148,10 +198,10 @@ class DecodeGraphs:
         gc.disable()
         try:
             with torch.cuda.graph(graph, pool=self._mempool, capture_error_mode="thread_local"):
-                logits = self.model.forward(self.input_ids[:bucket], ctx,
-                                            self.logits_indices[:bucket])
+                logits = self.model.forward(self.input_ids[:size], ctx, rows)
         finally:
             gc.enable()
         self._graphs[key] = _Captured(graph, logits, tables)
-        logger.info("captured a decode graph for %d sequences%s in %.0f ms", bucket,
-                    " with adapters" if key[1] else "", (time.perf_counter() - t0) * 1e3)
+        logger.info("captured a %s graph for %d %s%s in %.0f ms", key[0], size,
+                    "sequences" if key[0] == "decode" else "tokens",
+                    " with adapters" if key[2] else "", (time.perf_counter() - t0) * 1e3)

@@ -8,7 +8,7 @@ import torch
 
 from loraplex.kernels.dispatch import use_triton
 from loraplex.memory.kv import KVLayout
-from loraplex.model.graphs import DecodeGraphs
+from loraplex.model.graphs import StepGraphs
 from loraplex.model.models.llama import ForwardContext, LlamaModel
 from loraplex.model.shira_fuse import ShiraFusion
 
@@ -19,21 +19,21 @@ if TYPE_CHECKING:  # the contract's type only; the runner never imports the sche
 class ModelRunner:
     """Turns a `Batch` into a `ForwardContext` and runs the model under `inference_mode`.
 
-    On CUDA with the Triton kernels, decode-only batches replay CUDA graphs (`graphs`), and
-    prefill steps add LoRA per segment (a sequence's tokens share its adapter). A batch that
+    On CUDA with the Triton kernels, steps replay CUDA graphs (`graphs`), and prefill steps add
+    LoRA per segment (a sequence's tokens share its adapter). A batch that
     names a fused SHiRA adapter (`Batch.shira_fused`) runs as the base model with that adapter
     scattered into the weights (`shira`).
     """
 
     def __init__(self, model: LlamaModel, kv_layout: KVLayout, *, cuda_graphs: bool = True,
-                 max_batch: int = 256, max_pages: int = 0):
+                 max_batch: int = 256, max_pages: int = 0, max_tokens: int = 0):
         self.model = model
         self.kv_layout = kv_layout
         self._kv_caches: list | None = None
         self._pool_ptr: int | None = None
         device = model.embed.device
         self.triton = use_triton(device)
-        self.graphs = DecodeGraphs(model, max_batch, max_pages) \
+        self.graphs = StepGraphs(model, max_batch, max_pages, max_tokens) \
             if cuda_graphs and self.triton and device.type == "cuda" and max_pages > 0 else None
         self.shira = ShiraFusion(model)
 

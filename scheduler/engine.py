@@ -68,7 +68,7 @@ class EngineConfig:
     load_tokenizer: bool = True
     """False for token-id-only use (tiny test models ship no tokenizer)."""
     cuda_graphs: bool = True
-    """Replay captured CUDA graphs for decode-only steps (CUDA with the Triton kernels only)."""
+    """Replay captured CUDA graphs of steps (CUDA with the Triton kernels only)."""
     shira_fusion: bool = True
     """Scatter a SHiRA adapter into the base weights when a whole batch runs it."""
 
@@ -127,7 +127,8 @@ class Engine:
         page_size = config.memory.page_size
         self.runner = ModelRunner(self.model, self.kv_layout, cuda_graphs=config.cuda_graphs,
                                   max_batch=config.scheduler.max_num_seqs,
-                                  max_pages=-(-self.max_model_len // page_size))
+                                  max_pages=-(-self.max_model_len // page_size),
+                                  max_tokens=config.scheduler.max_num_batched_tokens)
         self.sampler = Sampler()
         self.adapters: dict[str, AdapterRecord] = {}
         self._seqs: dict[str, Sequence] = {}

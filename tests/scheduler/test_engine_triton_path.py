@@ -3,7 +3,8 @@
 `LORAPLEX_KERNELS=triton` sends every op to its Triton twin on the CPU and `TRITON_INTERPRET=1`
 runs the kernels in numpy, so the engine's own wiring of the kernels (q|k|v and gate|up in one
 launch, DoRA's g in the expand epilogue, per-sequence segments in prefill, SHiRA fused and
-gathered) meets the same oracles as the reference path: transformers + peft. The interpreter
+gathered, the padded static buffers of the CUDA-graph path) meets the same oracles as the
+reference path: transformers + peft. The interpreter
 must be on before `triton` is first imported, hence the child process. CUDA graphs need a GPU
 (`loadtest/gpu_engine_check.sh` runs all of these tests there).
 """
@@ -22,9 +23,10 @@ pytest.importorskip("triton")
 SELECTION = [
     "tests/scheduler/test_engine_parity.py", "tests/scheduler/test_shira_fusion.py",
     "tests/scheduler/test_engine_batching.py::test_mixed_batch_equals_peft_generate",
-    "-k", "llama or (qwen3 and (dora or shira)) or fusion or mixed_batch",
+    "tests/scheduler/test_step_graph_padding.py",
+    "-k", "llama or (qwen3 and (dora or shira)) or fusion or mixed_batch or padded",
 ]
-EXPECTED = 8 + 2 + 4 + 1  # llama × every parity case, qwen3 DoRA and SHiRA, fusion, mixed batch
+EXPECTED = 8 + 2 + 4 + 1 + 1  # llama × every case, qwen3 DoRA/SHiRA, fusion, mixed, padded
 
 
 def test_engine_parity_on_the_triton_path_under_the_interpreter() -> None:

@@ -1,0 +1,43 @@
+"""The CUDA-graph path's padding, checked without CUDA: `StepGraphs(capture=False)` runs every
+step on the padded static buffers (pad tokens, pad sequences, per-sequence LoRA segments, the
+extra logits rows) eagerly, and the tokens must still be `PeftModel.generate`'s.
+
+Run under `LORAPLEX_KERNELS=triton TRITON_INTERPRET=1` too (`test_engine_triton_path.py`), so
+the Triton kernels see the same padded inputs a captured graph gives them on a GPU.
+"""
+
+from __future__ import annotations
+
+from loraplex.model.graphs import StepGraphs
+from tests.conftest import assert_pool_clean, make_engine
+from tests.scheduler.test_engine_batching import (  # noqa: F401 (fixtures)
+    ARCH,
+    adapter_dirs,
+    expected,
+    greedy,
+    register,
+    workload,
+)
+
+
+def static_graphs(engine, max_tokens: int) -> StepGraphs:
+    sc = engine.config.scheduler
+    graphs = StepGraphs(engine.model, sc.max_num_seqs, -(-engine.max_model_len // 16),
+                        max_tokens, capture=False)
+    engine.runner.graphs = graphs
+    return graphs
+
+
+def test_padded_steps_give_peft_tokens(tiny_model_dir, adapter_dirs, expected):  # noqa: F811
+    engine = make_engine(tiny_model_dir(ARCH)[1], max_num_seqs=12, max_batched_tokens=96)
+    graphs = static_graphs(engine, 96)
+    register(engine, adapter_dirs)
+    # More than 12 requests: late ones join while others decode (mixed steps). A step with a
+    # SHiRA token runs eagerly, so they are left out here (they have their own tests).
+    requests = [(p, a) for p, a in workload(24) if a != "shira4"]
+    outs = engine.generate([p for p, _ in requests], greedy(), [a for _, a in requests])
+    for (p, a), out in zip(requests, outs):
+        assert out.token_ids == expected(a, p), f"adapter {a}, prompt of {len(p)}"
+    # Both kinds of step ran padded (SHiRA steps, unless fused, stay eager).
+    assert graphs.num_steps["decode"] > 0 and graphs.num_steps["mixed"] > 0, graphs.num_steps
+    assert_pool_clean(engine)
