@@ -84,8 +84,10 @@ def _distinct_slots(token_slots: torch.Tensor) -> DistinctSlots | None:
     return DistinctSlots(tokens, slots, inverse)
 
 
-DENSE_LIMIT = 1 << 18
-"""Tokens × live rows under which the references take the masked dense path."""
+DENSE_LIMIT = 1 << 16
+"""Tokens × live rows under which the references take the masked dense path (measured on the
+2-core CPU at the demo model's widths, 64 tokens: dense wins up to about 24–32 distinct adapters,
+the grouped path above)."""
 
 
 def _dense_plan(token_slots: torch.Tensor, rows: torch.Tensor, ranks: torch.Tensor

@@ -79,6 +79,7 @@ class LatencySLO(report.SLO):
 def build_engine(args: argparse.Namespace, model_dir: Path) -> Engine:
     return Engine(EngineConfig(
         model=str(model_dir), dtype=args.dtype, device=args.device, load_tokenizer=False,
+        cuda_graphs_prefill=args.cuda_graphs_prefill,
         memory=MemoryConfig(pool_bytes=int(args.pool_gib * 2**30), max_rank=max(args.ranks),
                             max_resident_adapters=args.max_resident_adapters,
                             host_cache_bytes=int(args.host_cache_gib * 2**30)),
@@ -310,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--progress-s", type=float, default=5.0)
     p.add_argument("--threads", type=int, default=8, help="for writing and reading files")
+    p.add_argument("--cuda-graphs-prefill", action="store_true", help="graphs of prefill steps")
     return p
 
 

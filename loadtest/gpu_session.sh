@@ -8,9 +8,11 @@
 #   bench   kernel and decode-step benchmarks, no reference timings     → $OUT/kernels.md/.json
 #   sweep   launch-parameter sweep of the decode kernels, each checked  → $OUT/kernels_sweep.*
 # Run from the repository root:  OUT=gpu_out STAGES="engine bench" bash loadtest/gpu_session.sh
+# (LOAD_BUDGET, RATES, LOAD_FLAGS, BENCH_TIMEOUT, SWEEP_TIMEOUT tune the stages)
 set -u
 OUT=${OUT:-gpu_out}
 LOAD_BUDGET=${LOAD_BUDGET:-140}
+RATES=${RATES:-4,8,16,32,64}
 STAGES=${STAGES:-engine load bf16}
 mkdir -p "$OUT"
 PY=${PY:-.venv/bin/python}
@@ -35,13 +37,15 @@ for stage in $STAGES; do
     stamp "$stage"
     case $stage in
     engine)
-        LORAPLEX_TEST_DEVICE=cuda LORAPLEX_TEST_DTYPE=float32 timeout 130 "$PY" -m pytest -q \
-            -p no:cacheprovider $ENGINE_TESTS > "$OUT/engine_fp32.log" 2>&1
+        # Graphs of decode steps (the default) and of steps with prefill (opt-in) both run.
+        LORAPLEX_TEST_DEVICE=cuda LORAPLEX_TEST_DTYPE=float32 LORAPLEX_TEST_GRAPHS_PREFILL=1 \
+            timeout 130 "$PY" -m pytest -q -p no:cacheprovider $ENGINE_TESTS \
+            > "$OUT/engine_fp32.log" 2>&1
         stamp "engine rc=$?"; tail -n 4 "$OUT/engine_fp32.log" ;;
     load)
         timeout $((LOAD_BUDGET + 40)) "$PY" -m loraplex.loadtest.gpu_load \
-            --time-budget "$LOAD_BUDGET" --num-adapters 100 --rates 4,8,16,32,64 --duration 15 \
-            --max-drain 8 --out "$OUT/gpu_load" > "$OUT/gpu_load.log" 2>&1
+            --time-budget "$LOAD_BUDGET" --num-adapters 100 --rates "$RATES" --duration 15 \
+            --max-drain 8 ${LOAD_FLAGS:-} --out "$OUT/gpu_load" > "$OUT/gpu_load.log" 2>&1
         stamp "load rc=$?"; tail -n 25 "$OUT/gpu_load.log" ;;
     bf16)
         LORAPLEX_TEST_DEVICE=cuda LORAPLEX_TEST_DTYPE=bfloat16 timeout 60 "$PY" -m pytest -q \

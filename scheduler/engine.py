@@ -68,7 +68,10 @@ class EngineConfig:
     load_tokenizer: bool = True
     """False for token-id-only use (tiny test models ship no tokenizer)."""
     cuda_graphs: bool = True
-    """Replay captured CUDA graphs of steps (CUDA with the Triton kernels only)."""
+    """Replay captured CUDA graphs of decode-only steps (CUDA with the Triton kernels only)."""
+    cuda_graphs_prefill: bool = False
+    """Also graphs of steps with prefill (padded to token buckets). Off by default until it has
+    passed the engine tests on a GPU (`loadtest/gpu_session.sh`); checked on the CPU only."""
     shira_fusion: bool = True
     """Scatter a SHiRA adapter into the base weights when a whole batch runs it."""
 
@@ -128,7 +131,8 @@ class Engine:
         self.runner = ModelRunner(self.model, self.kv_layout, cuda_graphs=config.cuda_graphs,
                                   max_batch=config.scheduler.max_num_seqs,
                                   max_pages=-(-self.max_model_len // page_size),
-                                  max_tokens=config.scheduler.max_num_batched_tokens)
+                                  max_tokens=config.scheduler.max_num_batched_tokens
+                                  if config.cuda_graphs_prefill else 0)
         self.sampler = Sampler()
         self.adapters: dict[str, AdapterRecord] = {}
         self._seqs: dict[str, Sequence] = {}

@@ -50,6 +50,8 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
                    help="distinct adapters running at once (1: adapter batching off)")
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="run decode steps eagerly on CUDA (no graph capture)")
+    p.add_argument("--cuda-graphs-prefill", action="store_true",
+                   help="also replay graphs of steps with prefill (experimental)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,7 +103,7 @@ def engine_config(args: argparse.Namespace) -> "EngineConfig":
 
     return EngineConfig(
         model=args.model, dtype=args.dtype, device=args.device,
-        cuda_graphs=not args.no_cuda_graphs,
+        cuda_graphs=not args.no_cuda_graphs, cuda_graphs_prefill=args.cuda_graphs_prefill,
         memory=MemoryConfig(pool_bytes=args.pool_mib * 2**20, max_rank=args.max_rank,
                             max_resident_adapters=args.max_resident_adapters),
         scheduler=SchedulerConfig(max_num_batched_tokens=args.max_batched_tokens,

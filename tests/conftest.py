@@ -19,6 +19,8 @@ ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 TEST_DEVICE = os.environ.get("LORAPLEX_TEST_DEVICE", "cpu")
 """Where engine tests run their engine (`cuda` on a GPU machine; the oracles stay on the CPU)."""
 TEST_DTYPE = os.environ.get("LORAPLEX_TEST_DTYPE", "float32")
+TEST_GRAPHS_PREFILL = os.environ.get("LORAPLEX_TEST_GRAPHS_PREFILL") == "1"
+"""On CUDA: engines also capture graphs of steps with prefill (`cuda_graphs_prefill`)."""
 
 
 @pytest.fixture(scope="session")
@@ -48,6 +50,7 @@ def make_engine(model_dir, *, num_pages: int = 256, page_size: int = 16, max_ran
     `clock` (a callable giving seconds) replaces the wall clock for deadline tests."""
     config = EngineConfig(
         model=str(model_dir), dtype=TEST_DTYPE, device=TEST_DEVICE, load_tokenizer=False,
+        cuda_graphs_prefill=TEST_GRAPHS_PREFILL,
         memory=MemoryConfig(page_size=page_size, num_pages=num_pages, max_rank=max_rank,
                             max_resident_adapters=max_resident_adapters,
                             host_cache_bytes=host_cache_bytes, prefetch=prefetch,
