@@ -21,7 +21,7 @@ from loraplex.kernels.lora import (
     lora_shrink_segments,
     lora_shrink_segments_ref,
 )
-from loraplex.kernels.lora_apply import (
+from loraplex.kernels.lora_slices import (
     lora_apply,
     lora_apply_ref,
     lora_apply_segments,

@@ -33,6 +33,8 @@ class Batch:
     """`memory.adapters.AdapterTables` when any token has an adapter, else None."""
     pool: torch.Tensor
     """The page pool's tensor (never the `PagePool` object)."""
+    adapter_modules: frozenset[str] | None = None
+    """Target modules of the batch's adapters (the forward skips the others); None: all."""
     shira_fused: tuple[object, int] | None = None
     """(SHiRA adapter record, its slot) when every token runs that one adapter and the runner
     is to scatter it into the base weights for this step (SHiRA's fused mode); else None."""

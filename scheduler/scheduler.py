@@ -353,6 +353,7 @@ class Scheduler:
         positions, slot_mapping, lora_slots, shira_slots = [], [], [], []
         starts, context_lens, logits_indices, sample_ids = [0], [], [], []
         has_lora = has_shira = has_dora = False
+        targets: set[str] = set()
         max_pages = max(len(s.page_table.pages) for s, _ in scheduled)
         block_tables = torch.zeros(len(scheduled), max_pages, dtype=torch.int32)
         for b, (seq, n) in enumerate(scheduled):
@@ -367,6 +368,7 @@ class Scheduler:
                 logits_indices.append(starts[-1] - 1)
                 sample_ids.append(seq.seq_id)
             kind = seq.request.adapter.kind if seq.request.adapter else None
+            targets.update(seq.request.adapter.target_modules if kind else ())
             has_lora |= kind in ("lora", "dora")
             has_dora |= kind == "dora"
             has_shira |= kind == "shira"
@@ -392,4 +394,5 @@ class Scheduler:
             has_dora=has_dora,
             adapter_tables=self.residency.tables if (has_lora or has_shira) else None,
             pool=self.pool.tensor,
+            adapter_modules=frozenset(targets),
         )

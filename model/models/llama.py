@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from loraplex.kernels.attention import paged_attention, write_kv
-from loraplex.kernels.lora_apply import lora_apply, lora_apply_segments
+from loraplex.kernels.lora_slices import lora_apply, lora_apply_segments
 from loraplex.kernels.shira import shira_gather
 from loraplex.model.config import TARGET_MODULES, ModelConfig
 
@@ -37,6 +37,7 @@ class ForwardContext:
     has_dora: bool = False
     lora_seg_starts: torch.Tensor | None = None  # [B + 1] prefill: the LoRA segments (sequences)
     lora_seg_slots: torch.Tensor | None = None  # [B] their slots; None: decode form per token
+    adapter_modules: frozenset[int] | None = None  # modules some adapter targets; None: all
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -180,19 +181,43 @@ class LlamaModel:
 
     def _add_adapters(self, layer: int, modules: tuple[int, ...], x: torch.Tensor,
                       y: torch.Tensor, ctx: ForwardContext) -> None:
-        """Every adapter of the batch on the fused output y (slices of consecutive modules)."""
+        """Every adapter of the batch on the fused output y (slices of consecutive modules).
+
+        With `ctx.adapter_modules`, modules no adapter of the batch targets are skipped, and
+        the rest go in runs of consecutive modules (one launch per run)."""
+        sizes = [self.config.module_shape(TARGET_MODULES[m])[0] for m in modules]
+        starts = [sum(sizes[:i]) for i in range(len(modules))]
+        run: list[int] = []  # indices into `modules` of the current run
+
+        def flush() -> None:
+            if run:
+                cols = y[:, starts[run[0]]:starts[run[-1]] + sizes[run[-1]]]
+                self._add_run(layer, [modules[j] for j in run], [sizes[j] for j in run], x,
+                              cols, ctx)
+                run.clear()
+
+        for i, m in enumerate(modules):
+            if ctx.adapter_modules is None or m in ctx.adapter_modules:
+                run.append(i)
+            else:
+                flush()
+        flush()
+
+    def _add_run(self, layer: int, modules: list[int], sizes: list[int], x: torch.Tensor,
+                 y: torch.Tensor, ctx: ForwardContext) -> None:
+        """The adapters on consecutive modules whose outputs are y's columns, in order."""
         t = ctx.tables
-        sizes = tuple(self.config.module_shape(TARGET_MODULES[m])[0] for m in modules)
         ms = slice(modules[0], modules[-1] + 1)
         if ctx.lora_token_slots is not None:
             tables = (t.a_rows[layer, ms], t.b_rows[layer, ms], t.ranks[layer, ms],
                       t.scales[layer, ms])
             g_rows = t.g_rows[layer, ms] if ctx.has_dora else None
             if ctx.lora_seg_slots is None:
-                lora_apply(x, ctx.pool_flat, *tables, ctx.lora_token_slots, y, sizes, g_rows)
+                lora_apply(x, ctx.pool_flat, *tables, ctx.lora_token_slots, y, tuple(sizes),
+                           g_rows)
             else:
                 lora_apply_segments(x, ctx.pool_flat, *tables, ctx.lora_seg_starts,
-                                    ctx.lora_seg_slots, y, sizes, g_rows)
+                                    ctx.lora_seg_slots, y, tuple(sizes), g_rows)
         if ctx.shira_token_slots is not None:
             start = 0
             for m, d_out in zip(modules, sizes):

@@ -34,7 +34,7 @@ from loraplex.kernels.lora import (  # noqa: E402
     lora_shrink_ref,
     lora_shrink_segments_ref,
 )
-from loraplex.kernels.lora_apply import lora_apply_ref, lora_apply_segments_ref  # noqa: E402
+from loraplex.kernels.lora_slices import lora_apply_ref, lora_apply_segments_ref  # noqa: E402
 from loraplex.kernels.shira import shira_gather_ref  # noqa: E402
 
 ON_CUDA = torch.cuda.is_available()
