@@ -24,6 +24,23 @@ FUSE_MIN_TOKENS = 2
 gather path reads every non-zero once per token, the scatter writes each once per switch."""
 
 
+def fusion_choice(batch: object, record: object,
+                  active: tuple[object, int] | None) -> tuple[object, int] | None:
+    """(record, slot) when every token of `batch` (a `scheduler.batch.Batch`) runs the one SHiRA
+    adapter `record` (its first sequence's) and fusing pays: enough tokens, or it is the
+    `active` fused adapter already; else None (the gather path)."""
+    slots = batch.shira_token_slots
+    if slots is None or batch.lora_token_slots is not None:
+        return None
+    slot = int(slots[0])
+    if slot < 0 or not bool((slots == slot).all()):
+        return None
+    fused_now = active is not None and active[0] is record and active[1] == slot
+    if batch.num_tokens < FUSE_MIN_TOKENS and not fused_now:
+        return None
+    return record, slot
+
+
 @dataclass(slots=True)
 class _Patch:
     flat: torch.Tensor  # the module's base weight, flattened view

@@ -1,8 +1,11 @@
-"""SchedulerConfig: how much work one step may carry."""
+"""SchedulerConfig (how much work one step may carry) and EngineConfig (what to serve, with how
+much memory, on which path)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from loraplex.memory.config import MemoryConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,3 +43,26 @@ class SchedulerConfig:
                              f"{self.max_adapter_loads_per_step}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len: must be >= 2, got {self.max_model_len}")
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """What to serve and with how much memory."""
+
+    model: str | None = None
+    """Local HF directory or `.gguf` file; None serves the embedded demo model."""
+    dtype: str | None = None
+    """float32 / float16 / bfloat16; None: float32 on CPU, the checkpoint's dtype on CUDA."""
+    device: str = "auto"
+    """`auto`, `cpu` or `cuda`."""
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    load_tokenizer: bool = True
+    """False for token-id-only use (tiny test models ship no tokenizer)."""
+    cuda_graphs: bool = True
+    """Replay captured CUDA graphs of decode-only steps (CUDA with the Triton kernels only)."""
+    cuda_graphs_prefill: bool = False
+    """Also graphs of steps with prefill (padded to token buckets). Off by default until it has
+    passed the engine tests on a GPU (`loadtest/gpu_session.sh`); checked on the CPU only."""
+    shira_fusion: bool = True
+    """Scatter a SHiRA adapter into the base weights when a whole batch runs it."""

@@ -11,7 +11,7 @@ import logging
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,12 +26,12 @@ from loraplex.model.adapters.peft import load_peft_adapter
 from loraplex.model.config import ModelConfig, parse_dtype
 from loraplex.model.models.llama import LlamaModel
 from loraplex.model.runner import ModelRunner
-from loraplex.model.shira_fuse import FUSE_MIN_TOKENS
+from loraplex.model.shira_fuse import fusion_choice
 from loraplex.model.sampler import Sampler, SamplingParams, make_generator
 from loraplex.model.tokenizer import IncrementalDetokenizer, StopChecker, Tokenizer
 from loraplex.model.weights import load_weights, resolve_model_dir
-from loraplex.scheduler.batch import Batch, StepOutput
-from loraplex.scheduler.config import SchedulerConfig
+from loraplex.scheduler.batch import StepOutput
+from loraplex.scheduler.config import EngineConfig, SchedulerConfig  # noqa: F401 (re-export)
 from loraplex.scheduler.errors import (
     AdapterNameError,
     RequestError,
@@ -48,32 +48,10 @@ from loraplex.scheduler.request import (
 )
 from loraplex.scheduler.scheduler import Scheduler
 from loraplex.scheduler.stats import AdapterLoad, EngineStats, snapshot
+from loraplex.scheduler.text import TextState
 
 logger = logging.getLogger(__name__)
 _ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
-
-
-@dataclass(frozen=True, slots=True)
-class EngineConfig:
-    """What to serve and with how much memory."""
-
-    model: str | None = None
-    """Local HF directory or `.gguf` file; None serves the embedded demo model."""
-    dtype: str | None = None
-    """float32 / float16 / bfloat16; None: float32 on CPU, the checkpoint's dtype on CUDA."""
-    device: str = "auto"
-    """`auto`, `cpu` or `cuda`."""
-    memory: MemoryConfig = field(default_factory=MemoryConfig)
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    load_tokenizer: bool = True
-    """False for token-id-only use (tiny test models ship no tokenizer)."""
-    cuda_graphs: bool = True
-    """Replay captured CUDA graphs of decode-only steps (CUDA with the Triton kernels only)."""
-    cuda_graphs_prefill: bool = False
-    """Also graphs of steps with prefill (padded to token buckets). Off by default until it has
-    passed the engine tests on a GPU (`loadtest/gpu_session.sh`); checked on the CPU only."""
-    shira_fusion: bool = True
-    """Scatter a SHiRA adapter into the base weights when a whole batch runs it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,13 +60,6 @@ class PreparedAdapter:
 
     record: AdapterRecord
     weights: AdapterWeights
-
-
-@dataclass(slots=True)
-class _TextState:
-    detokenizer: IncrementalDetokenizer
-    stop: StopChecker | None
-    num_emitted_chars: int = 0
 
 
 class Engine:
@@ -136,7 +107,7 @@ class Engine:
         self.sampler = Sampler()
         self.adapters: dict[str, AdapterRecord] = {}
         self._seqs: dict[str, Sequence] = {}
-        self._text: dict[int, _TextState] = {}
+        self._text: dict[int, TextState] = {}
         self._seq_ids = itertools.count()
 
     def _init_memory(self, mem: MemoryConfig) -> None:
@@ -292,7 +263,7 @@ class Engine:
         seq = Sequence(next(self._seq_ids), request, make_generator(params.seed, self.device))
         self._seqs[request_id] = seq
         if self.tokenizer is not None:
-            self._text[seq.seq_id] = _TextState(
+            self._text[seq.seq_id] = TextState(
                 IncrementalDetokenizer(self.tokenizer, prompt_ids),
                 StopChecker(list(params.stop)) if params.stop else None)
         self.scheduler.add(seq)
@@ -346,7 +317,9 @@ class Engine:
         if batch is None:
             return outputs
         by_id = {s.seq_id: s for s in self.scheduler.running}
-        batch.shira_fused = self._shira_fusion_key(batch, by_id)
+        if self.config.shira_fusion and batch.shira_token_slots is not None:
+            record = by_id[batch.seq_ids[0]].request.adapter
+            batch.shira_fused = fusion_choice(batch, record, self.runner.shira.active)
         logits = self.runner.run(batch)
         seqs = [by_id[i] for i in batch.sample_seq_ids]
         sample = self.sampler.sample(logits, [s.request.params for s in seqs],
@@ -362,43 +335,15 @@ class Engine:
             outputs.append(self._advance_text(seq))
         return outputs
 
-    def _shira_fusion_key(self, batch: Batch, by_id: dict[int, Sequence]
-                          ) -> tuple[AdapterRecord, int] | None:
-        """(record, slot) when every token of `batch` runs one SHiRA adapter and fusing it
-        pays (enough tokens, or it is fused already); else None (the gather path)."""
-        slots = batch.shira_token_slots
-        if not self.config.shira_fusion or slots is None or batch.lora_token_slots is not None:
-            return None
-        slot = int(slots[0])
-        if slot < 0 or not bool((slots == slot).all()):
-            return None
-        record = by_id[batch.seq_ids[0]].request.adapter
-        active = self.runner.shira.active
-        fused_now = active is not None and active[0] is record and active[1] == slot
-        if batch.num_tokens < FUSE_MIN_TOKENS and not fused_now:
-            return None
-        return record, slot
-
     def _advance_text(self, seq: Sequence) -> RequestOutput:
         state = self._text.get(seq.seq_id)
         new_ids = seq.output_ids[-1:]
         if state is None:
             return self._output(seq, new_ids, "")
-        state.detokenizer.push(seq.output_ids[-1])
-        text = state.detokenizer.text
-        if state.stop is not None:
-            at = state.stop.check(text, len(text) - state.num_emitted_chars)
-            if at is not None:
-                text = text[:at]
-                if not seq.status.is_finished:
-                    self.scheduler.finish(seq, RequestStatus.FINISHED, "stop")
-        # Hold back what could still become a stop string, unless the sequence is done.
-        end = len(text)
-        if state.stop is not None and not seq.status.is_finished:
-            end = max(state.num_emitted_chars, len(text) - state.stop.max_holdback)
-        new_text = text[state.num_emitted_chars:end]
-        state.num_emitted_chars = end
-        return self._output(seq, new_ids, new_text, text[:end])
+        new_text, text, stopped = state.push(seq.output_ids[-1], seq.status.is_finished)
+        if stopped and not seq.status.is_finished:
+            self.scheduler.finish(seq, RequestStatus.FINISHED, "stop")
+        return self._output(seq, new_ids, new_text, text)
 
     def _output(self, seq: Sequence, new_ids: list[int], new_text: str,
                 text: str | None = None) -> RequestOutput:
