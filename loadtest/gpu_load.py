@@ -1,9 +1,6 @@
-"""The S-LoRA load test without HTTP: a random-weight Llama-3-8B-shaped model and N random PEFT
-adapters written to disk, then S-LoRA traces at rising rates replayed against an in-process
-`Engine` until SLO attainment falls under 90 %. Results in `report.py`'s format; no server code.
-
-    python -m loraplex.loadtest.gpu_load [--rates 2,4,8,16,32,64] [--time-budget 200] --out DIR
-    python -m loraplex.loadtest.gpu_load --tiny --out /tmp/gpu_load_tiny     # CPU, seconds
+"""The S-LoRA load test without HTTP: a random Llama-3-8B-shaped model and N random PEFT adapters
+on disk, then traces at rising rates against an in-process `Engine` until SLO attainment falls
+under 90 %; results in `report.py`'s format. `python -m loraplex.loadtest.gpu_load [--tiny] ...`
 """
 
 from __future__ import annotations
