@@ -2,7 +2,8 @@
 # Issue 4's GPU check in one device call (under 8 minutes on an H100): real-shape correctness of
 # every Triton kernel vs its reference in fp32/fp16/bf16, whole-model parity (Triton path vs
 # LORAPLEX_KERNELS=ref, fp32 and bf16), then the kernel benchmarks. Results land in $OUT:
-#   tests.log, tests.xml   pytest of tests/kernels/test_triton_kernels.py (small + Llama-3-8B shapes)
+#   tests.log, tests.xml   pytest of tests/kernels/test_triton_{kernels,attention}.py (small +
+#                          Llama-3-8B shapes)
 #   parity.json/.log       whole-model logits, Triton vs references
 #   kernels.json/.md, bench.log   the benchmarks (loadtest/bench_kernels.py)
 # Run from the repository root:  bash loadtest/gpu_check.sh   (OUT defaults to ./gpu_out)
@@ -31,6 +32,7 @@ stamp() { echo "[$(( $(date +%s) - start )) s] $*"; }
 stamp "tests"
 # --noconftest: these tests need no fixture of tests/conftest.py (nor its transformers/peft).
 timeout 200 "$PY" -m pytest -q -p no:cacheprovider --noconftest tests/kernels/test_triton_kernels.py \
+    tests/kernels/test_triton_attention.py \
     --junitxml="$OUT/tests.xml" --durations=10 > "$OUT/tests.log" 2>&1
 echo "tests rc=$?" | tee -a "$OUT/summary.txt"
 tail -n 25 "$OUT/tests.log"

@@ -1,22 +1,15 @@
-"""Every Triton twin against its torch reference (the references have loop oracles elsewhere).
+"""Every LoRA, DoRA and SHiRA Triton twin against its torch reference (the references have loop
+oracles elsewhere); paged attention and the K/V write are in `test_triton_attention.py`.
 
 With CUDA the tests run here, at small and at Llama-3-8B shapes, in fp32, fp16 and bf16. Without
-it they run under Triton's interpreter at small shapes in fp32 and fp16 (it does no bf16), in a
-child pytest started with TRITON_INTERPRET=1: the interpreter must be on before `triton` is first
-imported, and torch imports it early (torch._dynamo, via transformers), so setting it in this
-process would come too late and would leak into other modules. Outputs are poisoned (NaN) first.
+it they run under Triton's interpreter in a child pytest started with TRITON_INTERPRET=1 (why:
+`triton_helpers.py`), so the Triton kernels are imported only when `RUN_HERE`. Outputs are
+poisoned (NaN) first.
 """
 
 from __future__ import annotations
 
 import inspect
-import os
-import subprocess
-import sys
-import zlib
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch
@@ -36,66 +29,32 @@ from loraplex.kernels.lora import (  # noqa: E402
 )
 from loraplex.kernels.lora_slices import lora_apply_ref, lora_apply_segments_ref  # noqa: E402
 from loraplex.kernels.shira import shira_gather_ref  # noqa: E402
-
-ON_CUDA = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if ON_CUDA else "cpu")
-INTERPRET = "TRITON_INTERPRET"
-RUN_HERE = ON_CUDA or os.environ.get(INTERPRET) == "1"
+from tests.kernels.triton_helpers import (  # noqa: E402
+    DEVICE,
+    DTYPES,
+    ON_CUDA,
+    REL_TOL,
+    RUN_HERE,
+    REAL,
+    SHAPES,
+    SMALL,
+    Shape,
+    assert_close,
+    drop_tests_not_run_here,
+    exact_fp32_references,  # noqa: F401 (autouse fixture: no tf32 in fp32 references)
+    gen_for,
+    make_token_slots,
+    poisoned_out,
+    rel_err,
+    run_in_interpreter_child,
+    x_for,
+)
 
 if RUN_HERE:
     from loraplex.kernels import attention_triton as attn_t  # noqa: E402
     from loraplex.kernels import dora_triton as dora_t  # noqa: E402
     from loraplex.kernels import lora_triton as lora_t  # noqa: E402
     from loraplex.kernels import shira_triton as shira_t  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def _exact_fp32_references(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """fp32 references on CUDA without tf32 (the 1e-4 contract)."""
-    if ON_CUDA:
-        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    yield
-
-
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_CUDA else [])
-REL_TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
-
-
-@dataclass(frozen=True)
-class Shape:
-    """One size of the LoRA grid: d_in, the d_out of each slice, tokens, slots and their ranks."""
-
-    name: str
-    d_in: int
-    d_outs: tuple[int, ...]
-    num_tokens: int
-    ranks: tuple[int, ...]
-
-
-SMALL = Shape("small", 48, (40, 16, 24), 12, (1, 7, 8, 16, 128, 8, 1, 16))
-REAL = Shape("llama3_8b", 4096, (4096, 1024, 1024), 64,
-             tuple([8, 16, 32, 64] * 8 + [1, 7, 128, 16]))
-SHAPES = [SMALL] + ([REAL] if ON_CUDA else [])
-
-
-def gen_for(*key: object) -> torch.Generator:
-    """A generator seeded from the test's parameters (stable across processes)."""
-    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
-
-
-def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    """‖got − want‖ / ‖want‖ over the finite entries of want; inf when NaNs disagree."""
-    got, want = got.double().cpu(), want.double().cpu()
-    if not torch.equal(torch.isnan(got), torch.isnan(want)):
-        return float("inf")
-    finite = ~torch.isnan(want)
-    diff = (got[finite] - want[finite]).norm()
-    return float(diff / want[finite].norm().clamp(min=1e-30))
-
-
-def assert_close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
-    err = rel_err(got, want)
-    assert err <= REL_TOL[dtype], f"relative error {err:.3g} > {REL_TOL[dtype]} ({dtype})"
 
 
 # ---- LoRA pools -----------------------------------------------------------------------------------
@@ -138,36 +97,6 @@ def make_lora_pool(shape: Shape, dtype: torch.dtype, aligned: bool, gen: torch.G
     return dict(pool=pool.to(**to), a_rows=a_rows.to(**to), b_rows=b_rows.to(**to),
                 ranks=ranks.to(**to), g_rows=g_rows.to(**to),
                 scales=(torch.rand(num_slices, num_slots, generator=gen) + 0.5).to(**to))
-
-
-def make_token_slots(num_tokens: int, num_slots: int, popularity: str,
-                     gen: torch.Generator) -> torch.Tensor:
-    """[T] slots: distinct / uniform / skewed (one hot adapter), about 30% without adapter."""
-    if popularity == "distinct":
-        slots = torch.arange(num_tokens) % num_slots
-        slots = slots[torch.randperm(num_tokens, generator=gen)]
-    elif popularity == "uniform":
-        slots = torch.randint(0, num_slots, (num_tokens,), generator=gen)
-    else:
-        slots = torch.full((num_tokens,), 4)
-        slots[torch.randperm(num_tokens, generator=gen)[:3]] = torch.tensor([0, 1, 3])
-    slots[torch.rand(num_tokens, generator=gen) < 0.3] = -1
-    return slots.long().to(DEVICE)
-
-
-def poisoned_out(num_tokens: int, d_out: int, dtype: torch.dtype, token_slots: torch.Tensor,
-                 gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """(wide, out): out a column slice of `wide`; random, NaN on tokens without adapter and in
-    the columns around the slice (which must stay untouched)."""
-    wide = torch.full((num_tokens, d_out + 8), float("nan"), dtype=dtype)
-    wide[:, 3:3 + d_out] = torch.randn(num_tokens, d_out, generator=gen).to(dtype)
-    wide = wide.to(DEVICE)
-    wide[token_slots < 0] = float("nan")
-    return wide, wide[:, 3:3 + d_out]
-
-
-def x_for(num_tokens: int, d_in: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
-    return torch.randn(num_tokens, d_in, generator=gen).to(dtype).to(DEVICE)
 
 
 # ---- LoRA decode ------------------------------------------------------------------------------------
@@ -371,112 +300,6 @@ def test_shira_gather_matches_reference(dtype: torch.dtype, d_in: int, d_out: in
     assert_close(wide, want, dtype)
 
 
-# ---- K/V write and paged attention ----------------------------------------------------------------
-
-@dataclass(frozen=True)
-class AttentionCase:
-    name: str
-    context_lens: tuple[int, ...]
-    query_lens: tuple[int, ...]
-    heads: tuple[int, int]  # (H_q, H_kv)
-    head_dim: int
-    page_size: int
-
-
-ATTENTION_CASES = [
-    AttentionCase("decode_gqa", (5, 17, 1, 33), (1, 1, 1, 1), (8, 2), 16, 16),
-    AttentionCase("prefill_mha", (7, 16, 3), (7, 16, 3), (4, 4), 32, 16),
-    AttentionCase("chunked_mqa", (20, 9), (6, 4), (4, 1), 16, 8),
-    AttentionCase("mixed_gqa3", (40, 1, 13, 8, 5), (40, 1, 5, 1, 0), (6, 2), 24, 16),
-    AttentionCase("long_prefill", (300,), (300,), (2, 1), 16, 16),
-] + ([
-    AttentionCase("llama3_decode", tuple(range(200, 200 + 64 * 31, 31)), (1,) * 64, (32, 8),
-                  128, 16),
-    AttentionCase("llama3_prefill", (1000, 300, 77, 2048), (1000, 300, 1, 513), (32, 8), 128,
-                  16),
-] if ON_CUDA else [])
-
-
-def make_kv(case: AttentionCase, dtype: torch.dtype, gen: torch.Generator) -> dict:
-    """All layers' K/V pages in one tensor (caches are strided views), pages out of order,
-    unused pages NaN (a read past a context fails)."""
-    num_q_heads, num_kv_heads = case.heads
-    pages_per_seq = [-(-c // case.page_size) for c in case.context_lens]
-    num_pages = sum(pages_per_seq) + 3
-    pool = torch.full((num_pages, 2, 2, case.page_size, num_kv_heads, case.head_dim),
-                      float("nan"), dtype=dtype)
-    order = torch.randperm(num_pages, generator=gen).tolist()
-    block_tables = torch.zeros((len(pages_per_seq), max(pages_per_seq)), dtype=torch.int32)
-    for b, n in enumerate(pages_per_seq):
-        block_tables[b, :n] = torch.tensor([order.pop() for _ in range(n)])
-        for j in range(case.context_lens[b]):
-            page, offset = int(block_tables[b, j // case.page_size]), j % case.page_size
-            pool[page, 1, :, offset] = torch.randn(2, num_kv_heads, case.head_dim,
-                                                   generator=gen).to(dtype)
-    starts = torch.tensor([0, *torch.tensor(case.query_lens).cumsum(0).tolist()],
-                          dtype=torch.int32)
-    pool = pool.to(DEVICE)
-    return dict(k_cache=pool[:, 1, 0], v_cache=pool[:, 1, 1],
-                q=torch.randn(int(starts[-1]), num_q_heads, case.head_dim,
-                              generator=gen).to(dtype).to(DEVICE),
-                block_tables=block_tables.to(DEVICE),
-                context_lens=torch.tensor(case.context_lens, dtype=torch.int32, device=DEVICE),
-                query_start_loc=starts.to(DEVICE))
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: c.name)
-def test_paged_attention_matches_reference(case: AttentionCase, dtype: torch.dtype) -> None:
-    gen = gen_for("attention", case.name, dtype)
-    b = make_kv(case, dtype, gen)
-    args = (b["q"], b["k_cache"], b["v_cache"], b["block_tables"], b["context_lens"],
-            b["query_start_loc"], case.head_dim ** -0.5)
-    want = paged_attention_ref(*args)
-    out = torch.full_like(b["q"], float("nan"))
-    attn_t.attention_into(out, *args)
-    assert_close(out, want, dtype)
-    assert_close(attn_t.paged_attention_triton(*args), want, dtype)
-
-
-@pytest.mark.skipif(not ON_CUDA, reason="needs a 4 GiB pool")
-def test_paged_attention_and_write_kv_past_2_31_elements() -> None:
-    """Page offsets past 2³¹ elements (a real pool: 1 Mi-element pages) need 64-bit pointers."""
-    page_stride, page_size, heads, dim = 2**30 + 512, 16, 2, 32
-    buffer = torch.empty(2 * page_stride + page_size * heads * dim, dtype=torch.bfloat16,
-                         device=DEVICE)
-    cache = buffer.as_strided((3, page_size, heads, dim), (page_stride, heads * dim, dim, 1))
-    cache.normal_()
-    k = torch.randn(3, heads, dim, device=DEVICE).to(torch.bfloat16)
-    slots = torch.tensor([2 * page_size + 5, 2 * page_size + 6, 7], device=DEVICE)
-    attn_t.write_kv_triton(cache, cache, k, k, slots)
-    assert torch.equal(cache[2, 5], k[0]) and torch.equal(cache[0, 7], k[2])
-    q = torch.randn(2, 4, dim, device=DEVICE).to(torch.bfloat16)
-    args = (q, cache, cache, torch.tensor([[2, 0], [0, 2]], dtype=torch.int32, device=DEVICE),
-            torch.tensor([20, 9], dtype=torch.int32, device=DEVICE),
-            torch.tensor([0, 1, 2], dtype=torch.int32, device=DEVICE), dim ** -0.5)
-    assert_close(attn_t.paged_attention_triton(*args), paged_attention_ref(*args),
-                 torch.bfloat16)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("heads,head_dim", [((2, 8)), ((3, 24))] + (
-    [((8, 128))] if ON_CUDA else []))
-def test_write_kv_matches_reference(dtype: torch.dtype, heads: int, head_dim: int) -> None:
-    gen = gen_for("write_kv", dtype, heads)
-    num_pages, page_size, num_tokens = 6, 4, 11
-    pool = torch.randn(num_pages, 2, 2, page_size, heads, head_dim, generator=gen).to(dtype)
-    pool = pool.to(DEVICE)
-    want_pool = pool.clone()
-    slots = torch.randperm(num_pages * page_size, generator=gen)[:num_tokens]
-    slots[[2, 7]] = -1
-    slots = slots.to(DEVICE)
-    k = torch.randn(num_tokens, heads, head_dim, generator=gen).to(dtype).to(DEVICE)
-    v = torch.randn(num_tokens, heads, head_dim, generator=gen).to(dtype).to(DEVICE)
-    write_kv_ref(want_pool[:, 1, 0], want_pool[:, 1, 1], k, v, slots)
-    attn_t.write_kv_triton(pool[:, 1, 0], pool[:, 1, 1], k, v, slots)
-    assert torch.equal(pool, want_pool)
-
-
 # ---- empty batches, dispatch ----------------------------------------------------------------------
 
 def test_empty_batches_launch_nothing_and_return_empty() -> None:
@@ -558,16 +381,7 @@ def test_every_reference_has_a_triton_twin_with_its_signature() -> None:
 
 def test_interpreter_suite_in_child_process() -> None:
     """Without CUDA: this module's tests under TRITON_INTERPRET=1 in a fresh interpreter."""
-    root = Path(__file__).resolve().parents[2]
-    env = dict(os.environ, **{INTERPRET: "1"})
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__))],
-        cwd=root, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+    run_in_interpreter_child(__file__)
 
 
-# Here only the driver above runs (without CUDA and interpreter); in the child, or on CUDA, all
-# tests but the driver run. Pytest collects what the module namespace holds after import.
-for _name in [n for n in globals() if n.startswith("test_")]:
-    if RUN_HERE == (_name == "test_interpreter_suite_in_child_process"):
-        del globals()[_name]
+drop_tests_not_run_here(globals())
