@@ -84,10 +84,10 @@ def _distinct_slots(token_slots: torch.Tensor) -> DistinctSlots | None:
     return DistinctSlots(tokens, slots, inverse)
 
 
-DENSE_LIMIT = 1 << 16
+DENSE_LIMIT = 1 << 15
 """Tokens × live rows under which the references take the masked dense path (measured on the
-2-core CPU at the demo model's widths, 64 tokens: dense wins up to about 24–32 distinct adapters,
-the grouped path above)."""
+2-core CPU at the demo model's widths, 64 tokens of ranks 8–64: dense wins up to about 8–16
+distinct adapters, the grouped path, multiplying each rank bucket at its rank, above)."""
 
 
 def _dense_plan(token_slots: torch.Tensor, rows: torch.Tensor, ranks: torch.Tensor
@@ -99,12 +99,12 @@ def _dense_plan(token_slots: torch.Tensor, rows: torch.Tensor, ranks: torch.Tens
     if distinct is None:
         return None
     r = ranks[distinct.slots].long()  # [G]
+    if distinct.tokens.shape[0] * int(r.sum()) > DENSE_LIMIT:
+        return None
     width = rows.shape[1]
     i = torch.arange(width, device=rows.device)
     keep = i[None, :] < r[:, None]  # [G, R]
     offsets = rows[distinct.slots][keep]  # [L] slot-major, rank-minor
-    if distinct.tokens.shape[0] * offsets.shape[0] > DENSE_LIMIT:
-        return None
     col_start = torch.cumsum(r, 0) - r  # [G]
     valid = i[None, :] < r[distinct.inverse][:, None]  # [V, R]
     cols = (col_start[distinct.inverse][:, None] + i[None, :]).clamp(
@@ -151,6 +151,20 @@ def gather_rows(pool_flat: torch.Tensor, rows: torch.Tensor, ranks: torch.Tensor
     return out.view(*rows.shape, row_len)
 
 
+def rank_buckets(chunk_ranks: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    """(rank, indices of the chunks of that rank) for each distinct non-zero rank: the grouped
+    paths multiply each bucket at its own rank instead of padding all to the table's width."""
+    return [(v, torch.nonzero(chunk_ranks == v).squeeze(1))
+            for v in torch.unique(chunk_ranks).tolist() if v > 0]
+
+
+def gather_block(pool_flat: torch.Tensor, rows: torch.Tensor, rank: int,
+                 row_len: int) -> torch.Tensor:
+    """fp32 copy of rows `pool_flat[rows[u, i] : + row_len]` for i < rank → [U, rank, row_len]."""
+    flat = pool_flat.unfold(0, row_len, 1).index_select(0, rows[:, :rank].flatten())
+    return flat.float().view(rows.shape[0], rank, row_len)
+
+
 def segments_to_token_slots(seg_starts: torch.Tensor, seg_slots: torch.Tensor,
                             num_tokens: int) -> torch.Tensor:
     """[G+1] boundaries, [G] slots → [num_tokens] int64 slot per token (-1 outside segments)."""
@@ -187,8 +201,11 @@ def lora_shrink_ref(x: torch.Tensor, pool_flat: torch.Tensor, a_rows: torch.Tens
     if groups is None:
         return h
     slots = groups.chunk_slots
-    a = gather_rows(pool_flat, a_rows[slots], ranks[slots], d_in)  # [N, R, d_in]
-    h_pad = torch.bmm(groups.pad(x.float()), a.transpose(1, 2))  # [N, width, R]
+    x_pad = groups.pad(x.float())  # [N, width, d_in]
+    h_pad = x_pad.new_zeros(x_pad.shape[0], x_pad.shape[1], h.shape[1])  # [N, width, R]
+    for rank, chunks in rank_buckets(ranks[slots]):
+        a = gather_block(pool_flat, a_rows[slots[chunks]], rank, d_in)  # [n, rank, d_in]
+        h_pad[chunks, :, :rank] = torch.bmm(x_pad[chunks], a.transpose(1, 2))
     h[groups.tokens] = groups.unpad(h_pad)
     return h
 
@@ -219,11 +236,12 @@ def lora_expand_ref(h: torch.Tensor, pool_flat: torch.Tensor, b_rows: torch.Tens
     if groups is None:
         return
     slots = groups.chunk_slots
-    bt = gather_rows(pool_flat, b_rows[slots], ranks[slots], d_out)  # [N, R, d_out]
-    keep = torch.arange(h.shape[1], device=h.device) < ranks[slots][:, None]  # [N, R]
-    h_pad = torch.where(keep[:, None, :], groups.pad(h.float()), 0.0)  # [N, width, R]
-    h_pad = h_pad * scales[slots].float()[:, None, None]  # scale the small operand
-    y = groups.unpad(torch.bmm(h_pad, bt))  # [V, d_out]
+    h_pad = groups.pad(h.float()) * scales[slots].float()[:, None, None]  # [N, width, R]
+    y_pad = h_pad.new_zeros(h_pad.shape[0], h_pad.shape[1], d_out)
+    for rank, chunks in rank_buckets(ranks[slots]):
+        bt = gather_block(pool_flat, b_rows[slots[chunks]], rank, d_out)  # [n, rank, d_out]
+        y_pad[chunks] = torch.bmm(h_pad[chunks, :, :rank], bt)
+    y = groups.unpad(y_pad)  # [V, d_out]
     rows = groups.tokens
     out[rows] = (out[rows].float() + y).to(out.dtype)
 
