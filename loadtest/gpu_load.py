@@ -12,7 +12,6 @@ import os
 import platform
 import sys
 import time
-import types
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -30,15 +29,8 @@ from loraplex.scheduler.engine import Engine, EngineConfig
 from loraplex.scheduler.errors import RequestError, UnknownAdapterError
 from loraplex.scheduler.request import RequestOutput
 
-try:
-    from loraplex.loadtest import report
-except ModuleNotFoundError as exc:  # a bare device machine without httpx
-    if exc.name != "httpx":
-        raise
-    # report.py imports runner.py, which imports httpx only to send requests; we send none.
-    sys.modules["httpx"] = types.ModuleType("httpx")
-    from loraplex.loadtest import report
-from loraplex.loadtest.runner import RequestResult
+from loraplex.loadtest import report
+from loraplex.loadtest.results import RequestResult
 
 logger = logging.getLogger("loraplex.loadtest.gpu_load")
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from loraplex.loadtest.runner import RequestResult
+from loraplex.loadtest.results import RequestResult
 
 logger = logging.getLogger(__name__)
 QUANTILES = (50, 90, 99)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from loraplex.loadtest import gpu_load
 from loraplex.loadtest.report import load_results
-from loraplex.loadtest.runner import RequestResult
+from loraplex.loadtest.results import RequestResult
 from loraplex.loadtest.trace import TraceConfig, TraceRequest, generate_trace
 from loraplex.scheduler.engine import Engine
 
