@@ -8,20 +8,8 @@
 #   kernels.json/.md, bench.log   the benchmarks (loadtest/bench_kernels.py)
 # Run from the repository root:  bash loadtest/gpu_check.sh   (OUT defaults to ./gpu_out)
 set -u
-OUT=${OUT:-gpu_out}
-mkdir -p "$OUT"
-PY=${PY:-.venv/bin/python}
-[ -x "$PY" ] || PY=python3
-export TRITON_DEFAULT_FP_FUSION=1 PYTHONUNBUFFERED=1
-unset TRITON_INTERPRET LORAPLEX_KERNELS
-# Not installed there (a bare device machine): map the folders under the `loraplex` namespace.
-if ! "$PY" -c "import loraplex.kernels" 2>/dev/null; then
-    mkdir -p /tmp/loraplex_ns/loraplex
-    for d in server scheduler memory model kernels clients loadtest; do
-        ln -sfn "$PWD/$d" "/tmp/loraplex_ns/loraplex/$d"
-    done
-    export PYTHONPATH="/tmp/loraplex_ns:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-fi
+source "$(dirname "$0")/gpu_env.sh"
+export TRITON_DEFAULT_FP_FUSION=1
 start=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - start )) s] $*"; }
 

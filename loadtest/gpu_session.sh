@@ -10,22 +10,10 @@
 # Run from the repository root:  OUT=gpu_out STAGES="engine bench" bash loadtest/gpu_session.sh
 # (LOAD_BUDGET, RATES, LOAD_FLAGS, BENCH_TIMEOUT, SWEEP_TIMEOUT tune the stages)
 set -u
-OUT=${OUT:-gpu_out}
 LOAD_BUDGET=${LOAD_BUDGET:-140}
 RATES=${RATES:-4,8,16,32,64}
 STAGES=${STAGES:-engine load bf16}
-mkdir -p "$OUT"
-PY=${PY:-.venv/bin/python}
-[ -x "$PY" ] || PY=python3
-unset TRITON_INTERPRET LORAPLEX_KERNELS
-export PYTHONUNBUFFERED=1
-if ! "$PY" -c "import loraplex.kernels" 2>/dev/null; then  # a bare device machine
-    mkdir -p /tmp/loraplex_ns/loraplex
-    for d in server scheduler memory model kernels clients loadtest; do
-        ln -sfn "$PWD/$d" "/tmp/loraplex_ns/loraplex/$d"
-    done
-    export PYTHONPATH="/tmp/loraplex_ns:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-fi
+source "$(dirname "$0")/gpu_env.sh"
 start=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - start )) s] $*" | tee -a "$OUT/summary.txt"; }
 "$PY" -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" | tee "$OUT/env.txt"

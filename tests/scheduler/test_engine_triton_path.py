@@ -6,7 +6,7 @@ launch, DoRA's g in the expand epilogue, per-sequence segments in prefill, SHiRA
 gathered, the padded static buffers of the CUDA-graph path) meets the same oracles as the
 reference path: transformers + peft. The interpreter
 must be on before `triton` is first imported, hence the child process. CUDA graphs need a GPU
-(`loadtest/gpu_engine_check.sh` runs all of these tests there).
+(`loadtest/gpu_session.sh` runs all of these tests there).
 """
 
 from __future__ import annotations
