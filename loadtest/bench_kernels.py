@@ -139,6 +139,32 @@ def rotation(nbytes: int, cache_bytes: int = 50 * 2**20) -> int:
     return max(1, min(8, -(-3 * cache_bytes // max(nbytes, 1))))
 
 
+def rotating_lora_sets(num_adapters: int, slots: torch.Tensor, d_in: int, d_out: int,
+                       dtype: torch.dtype, device: torch.device, gen: torch.Generator
+                       ) -> tuple[list[tuple], float, float]:
+    """`rotation()` independent input sets (adapters p, x, h = shrink_ref(x), out) for decode
+    LoRA on `slots`, and the mean bytes one shrink and one expand must move."""
+    sets, byte_counts = [], []
+    elem = torch.tensor([], dtype=dtype).element_size()
+    batch = slots.shape[0]
+    used = sorted(set(slots.tolist()))
+    for i in range(8):
+        p = make_adapters(num_adapters, d_in, d_out, dtype, device, gen)
+        x = torch.randn(batch, d_in, generator=gen).to(dtype).to(device)
+        h = lora_shrink_ref(x, p["pool"], p["a_rows"], p["ranks"], slots)
+        out = torch.randn(batch, d_out, generator=gen).to(dtype).to(device)
+        sets.append((p, x, h, out))
+        rank_sum = sum(p["rank_list"][s] for s in used)
+        max_rank = p["a_rows"].shape[1]
+        shrink_bytes = rank_sum * d_in * elem + batch * (d_in * elem + max_rank * 4)
+        expand_bytes = rank_sum * d_out * elem + batch * (max_rank * 4 + 2 * d_out * elem)
+        byte_counts.append((shrink_bytes, expand_bytes))
+        if i + 1 >= rotation(min(shrink_bytes, expand_bytes)):
+            break
+    shrink_bytes, expand_bytes = (statistics.mean(b) for b in zip(*byte_counts))
+    return sets, shrink_bytes, expand_bytes
+
+
 def bench_lora(dims: Dims, dtype: torch.dtype, device: torch.device, bandwidth: float,
                with_ref: bool) -> list[dict]:
     """Decode shrink and expand for every batch × number of distinct adapters.
@@ -150,29 +176,15 @@ def bench_lora(dims: Dims, dtype: torch.dtype, device: torch.device, bandwidth: 
     """
     rows = []
     gen = torch.Generator().manual_seed(0)
-    elem = torch.tensor([], dtype=dtype).element_size()
     for module, d_in, d_out in lora_cases(dims):
         for batch in dims.batches:
             for num_adapters in sorted({1, min(8, batch), batch}):
                 slots = (torch.randperm(batch, generator=gen) % num_adapters).to(device)
-                sets, byte_counts = [], []
-                for i in range(8):
-                    p = make_adapters(num_adapters, d_in, d_out, dtype, device, gen)
-                    x = torch.randn(batch, d_in, generator=gen).to(dtype).to(device)
-                    h = lora_shrink_ref(x, p["pool"], p["a_rows"], p["ranks"], slots)
-                    out = torch.randn(batch, d_out, generator=gen).to(dtype).to(device)
-                    sets.append(((x, p["pool"], p["a_rows"], p["ranks"], slots),
-                                 (h, p["pool"], p["b_rows"], p["ranks"], p["scales"], slots, out)))
-                    used = sorted(set(slots.tolist()))
-                    rank_sum = sum(p["rank_list"][s] for s in used)
-                    max_rank = p["a_rows"].shape[1]
-                    shrink_bytes = rank_sum * d_in * elem + batch * (d_in * elem + max_rank * 4)
-                    expand_bytes = rank_sum * d_out * elem \
-                        + batch * (max_rank * 4 + 2 * d_out * elem)
-                    byte_counts.append((shrink_bytes, expand_bytes))
-                    if i + 1 >= rotation(min(shrink_bytes, expand_bytes)):
-                        break
-                shrink_bytes, expand_bytes = (statistics.mean(b) for b in zip(*byte_counts))
+                lora_sets, shrink_bytes, expand_bytes = rotating_lora_sets(
+                    num_adapters, slots, d_in, d_out, dtype, device, gen)
+                sets = [((x, p["pool"], p["a_rows"], p["ranks"], slots),
+                         (h, p["pool"], p["b_rows"], p["ranks"], p["scales"], slots, out))
+                        for p, x, h, out in lora_sets]
                 for k, (op, ref, nbytes) in enumerate((("shrink", lora_shrink_ref, shrink_bytes),
                                                         ("expand", lora_expand_ref, expand_bytes))):
                     fast_fn = twin(ref, device)

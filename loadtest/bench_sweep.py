@@ -20,15 +20,14 @@ from pathlib import Path
 import torch
 
 from loraplex.kernels.attention import paged_attention_ref
-from loraplex.kernels.lora import lora_expand_ref, lora_shrink_ref
+from loraplex.kernels.lora import lora_expand_ref
 from loraplex.loadtest.bench_kernels import (
     LLAMA3_8B,
     TINY,
     copy_bandwidth,
     graph_time,
-    make_adapters,
     make_decode_kv,
-    rotation,
+    rotating_lora_sets,
 )
 
 
@@ -74,24 +73,12 @@ def sweep_lora(dims, dtype, device, bandwidth, check: bool, batch: int = 64) -> 
 
     rows = []
     gen = torch.Generator().manual_seed(3)
-    elem = torch.tensor([], dtype=dtype).element_size()
     for module, d_in, d_out in (("q_proj", dims.hidden, dims.hidden),
                                 ("down_proj", dims.intermediate, dims.hidden)):
         slots = torch.randperm(batch, generator=gen).to(device)
-        sets, nbytes = [], []
-        for _ in range(8):
-            p = make_adapters(batch, d_in, d_out, dtype, device, gen)
-            x = torch.randn(batch, d_in, generator=gen).to(dtype).to(device)
-            h = lora_shrink_ref(x, p["pool"], p["a_rows"], p["ranks"], slots)
-            out = torch.randn(batch, d_out, generator=gen).to(dtype).to(device)
-            sets.append((p, x, h, out))
-            nbytes.append(sum(p["rank_list"]) * min(d_in, d_out) * elem)
-            if len(sets) >= rotation(min(nbytes)):
-                break
-        adapter_bytes = sum(nbytes) / len(nbytes)
+        sets, shrink_bytes, expand_bytes = rotating_lora_sets(batch, slots, d_in, d_out, dtype,
+                                                              device, gen)
         max_rank = sets[0][0]["a_rows"].shape[1]
-        shrink_bytes = adapter_bytes * d_in / min(d_in, d_out)
-        expand_bytes = adapter_bytes * d_out / min(d_in, d_out)
         for block_k, warps, split in itertools.product((128, 256, 512), (2, 4, 8), (1, 2, 4)):
             if split * block_k > d_in:
                 continue
@@ -110,8 +97,7 @@ def sweep_lora(dims, dtype, device, bandwidth, check: bool, batch: int = 64) -> 
                 err = ((shrink(*sets[0])[0] - h).norm() / h.norm()).item()
             rows.append(dict(kernel="lora_shrink", module=module, batch=batch, block=block_k,
                              num_warps=warps, split_k=split, ms=ms,
-                             of_copy_bw=(shrink_bytes + batch * d_in * elem) / (ms * 1e-3)
-                             / bandwidth, rel_err=err))
+                             of_copy_bw=shrink_bytes / (ms * 1e-3) / bandwidth, rel_err=err))
         for block_n, warps, block_r in itertools.product((64, 128, 256), (2, 4, 8), (16, 32)):
             def expand(p, x, h, out, block_n=block_n, warps=warps, block_r=block_r):
                 lt.lora_expand_slices_triton(h[None], p["pool"], p["b_rows"][None],
@@ -129,8 +115,7 @@ def sweep_lora(dims, dtype, device, bandwidth, check: bool, batch: int = 64) -> 
                 err = ((got.float() - want.float()).norm() / want.float().norm()).item()
             rows.append(dict(kernel="lora_expand", module=module, batch=batch, block=block_n,
                              block_r=block_r, num_warps=warps, ms=ms,
-                             of_copy_bw=(expand_bytes + 2 * batch * d_out * elem) / (ms * 1e-3)
-                             / bandwidth, rel_err=err))
+                             of_copy_bw=expand_bytes / (ms * 1e-3) / bandwidth, rel_err=err))
         del sets
     return rows
 
