@@ -88,7 +88,6 @@ class StepGraphs:
         self._mempool = torch.cuda.graph_pool_handle() if capture else None
         self._pool_ptr: int | None = None
         self.num_steps = {"decode": 0, "mixed": 0}  # steps run here (replayed or not)
-        self.num_replays = 0
 
     @staticmethod
     def _fit(n: int, sizes: tuple[int, ...]) -> int | None:
@@ -117,7 +116,6 @@ class StepGraphs:
         captured = self._graphs.get(key)
         if captured is not None and captured.tables is tables:
             captured.graph.replay()
-            self.num_replays += 1
             return captured.logits[:num_rows].clone()
         ctx, rows = self._context(decode, size, kv_caches, pool_flat, tables)
         logits = self.model.forward(self.input_ids[:size], ctx, rows)
@@ -150,15 +148,14 @@ class StepGraphs:
 
     def _fill_mixed(self, batch: "Batch", num_tokens: int) -> None:
         """Sequence B owns pad tokens T..Tb; sequences past it are empty."""
-        b, t = len(batch.seq_ids), batch.num_tokens
+        b = len(batch.seq_ids)
         self._fill_common(batch, num_tokens, self.num_seqs)
         starts = torch.full((self.num_seqs + 1,), num_tokens, dtype=torch.int32)
         starts[:b + 1] = batch.query_start_loc
         self.query_start_loc.copy_(starts.to(self.query_start_loc.device, non_blocking=True))
         self._put(self.logits_indices, batch.logits_indices, self.num_seqs, 0)
         if batch.lora_token_slots is not None:
-            first = batch.query_start_loc[:-1].long().clamp(max=max(t - 1, 0))
-            self._put(self.seg_slots, batch.lora_token_slots[first], self.num_seqs, -1)
+            self._put(self.seg_slots, batch.lora_sequence_slots(), self.num_seqs, -1)
 
     def _context(self, decode: bool, size: int, kv_caches: list, pool_flat: torch.Tensor,
                  tables: object | None) -> tuple[ForwardContext, torch.Tensor]:

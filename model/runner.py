@@ -77,7 +77,6 @@ class ModelRunner:
                 and batch.num_tokens > len(batch.seq_ids):
             # Prefill: a sequence's tokens are one segment (the grouped kernels read each
             # adapter row once per block of tokens, not once per token).
-            starts = batch.query_start_loc[:-1].long().clamp(max=batch.num_tokens - 1)
             ctx.lora_seg_starts = ctx.query_start_loc
-            ctx.lora_seg_slots = dev(batch.lora_token_slots[starts])
+            ctx.lora_seg_slots = dev(batch.lora_sequence_slots())
         return self.model.forward(dev(batch.input_ids), ctx, dev(batch.logits_indices))

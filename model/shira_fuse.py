@@ -76,12 +76,11 @@ class ShiraFusion:
 
     def pristine_weight(self, layer: int, module: str) -> torch.Tensor:
         """The module's base weight as loaded: a copy with the original values when fused."""
-        w = self.model.base_weight(layer, module)
+        # A snapshot either way: a merge may follow as soon as the lock is released.
+        copy = self.model.base_weight(layer, module).clone()
         patch = self._patches.get((layer, TARGET_MODULES.index(module)))
-        if patch is None:
-            return w.clone()  # a snapshot: a merge may follow as soon as the lock is released
-        copy = w.clone()
-        copy.view(-1)[patch.positions] = patch.saved
+        if patch is not None:
+            copy.view(-1)[patch.positions] = patch.saved
         return copy
 
     def _merge(self, key: tuple[object, int], pool_flat: torch.Tensor, tables: object) -> None:

@@ -43,6 +43,11 @@ class Batch:
     def num_tokens(self) -> int:
         return self.input_ids.shape[0]
 
+    def lora_sequence_slots(self) -> torch.Tensor:
+        """[B] each sequence's LoRA slot (all its tokens share one: its first token's)."""
+        first = self.query_start_loc[:-1].long().clamp(max=max(self.num_tokens - 1, 0))
+        return self.lora_token_slots[first]
+
     def __repr__(self) -> str:
         return (f"Batch(seqs={len(self.seq_ids)}, tokens={self.num_tokens}, "
                 f"sampling={len(self.sample_seq_ids)}, dora={self.has_dora})")
