@@ -1,6 +1,6 @@
 """A small launch-parameter sweep of the decode kernels at Llama-3-8B shapes (GPU).
 
-For decode attention (batches 32, 64, 128) and the decode LoRA shrink/expand (batch 64, 64
+For decode attention (batches 1 to 128, key blocks, warps and key splits) and the decode LoRA shrink/expand (batch 64, 64
 distinct adapters of ranks 8–64), times each (block size, warps) choice as one call inside a
 CUDA graph over rotating input sets, next to the bytes it must move over the measured copy
 bandwidth. It reports; it changes no default. Every choice computes the same function (the
@@ -40,31 +40,46 @@ def timed(calls: list, fn, device: torch.device) -> float:
     return graph_time(replay_all, device) / len(calls)
 
 
+L2_BYTES = 50 * 2**20  # H100's L2: inputs rotate over more than twice this
+
+
 def sweep_attention(dims, dtype, device, bandwidth, check: bool) -> list[dict]:
-    from loraplex.kernels.attention_triton import attention_into
+    """Decode attention: key block and warps at the launcher's own split count, then each split
+    count (flash-decoding shares) at the default block and warps; small batches rotate over
+    several K/V sets so that the pages come from HBM, not L2."""
+    from loraplex.kernels.attention_triton import attention_into, decode_splits
 
     rows = []
     elem = torch.tensor([], dtype=dtype).element_size()
-    for batch in (32, 64, 128):
-        b = make_decode_kv(batch, dims.context, dims, dtype, device)
+    choices = [(block_n, warps, None) for block_n, warps
+               in itertools.product((32, 64, 128), (2, 4, 8))]
+    choices += [(64, 4, splits) for splits in (1, 2, 4, 8, 16)]
+    for batch in (1, 8, 32, 64, 128):
         nbytes = batch * dims.context * 2 * dims.num_kv_heads * dims.head_dim * elem
-        out = torch.empty_like(b["q"])
-        args = (out, b["q"], b["k_cache"], b["v_cache"], b["block_tables"], b["context_lens"],
-                b["query_start_loc"], dims.head_dim ** -0.5)
-        want = paged_attention_ref(*args[1:]) if check else None
-        for block_n, warps in itertools.product((32, 64, 128), (2, 4, 8)):
-            def fn(*a, block_n=block_n, warps=warps):
-                attention_into(*a, block_n=block_n, num_warps=warps)
-            ms = timed([args], fn, device)
+        sets = []
+        for _ in range(min(16, -(-2 * L2_BYTES // nbytes))):
+            b = make_decode_kv(batch, dims.context, dims, dtype, device)
+            sets.append((torch.empty_like(b["q"]), b["q"], b["k_cache"], b["v_cache"],
+                         b["block_tables"], b["context_lens"], b["query_start_loc"],
+                         dims.head_dim ** -0.5))
+        want = paged_attention_ref(*sets[0][1:]) if check else None
+        for block_n, warps, splits in choices:
+            chosen = splits or decode_splits(batch, dims.num_kv_heads, dims.context, block_n,
+                                             device)
+
+            def fn(*a, block_n=block_n, warps=warps, splits=chosen):
+                attention_into(*a, block_n=block_n, num_warps=warps, splits=splits)
+            ms = timed(sets, fn, device)
             err = None
             if want is not None:
+                out = sets[0][0]
                 out.fill_(float("nan"))
-                fn(*args)
+                fn(*sets[0])
                 err = ((out.float() - want.float()).norm() / want.float().norm()).item()
             rows.append(dict(kernel="attention_decode", batch=batch, block_n=block_n,
-                             num_warps=warps, ms=ms, of_copy_bw=nbytes / (ms * 1e-3) / bandwidth,
-                             rel_err=err))
-        del b, out
+                             num_warps=warps, splits=chosen, default=splits is None,
+                             ms=ms, of_copy_bw=nbytes / (ms * 1e-3) / bandwidth, rel_err=err))
+        del sets
     return rows
 
 
@@ -122,7 +137,7 @@ def sweep_lora(dims, dtype, device, bandwidth, check: bool, batch: int = 64) -> 
 
 def table(rows: list[dict], bandwidth: float) -> str:
     keys = ["kernel", "module", "batch", "block", "block_n", "block_r", "num_warps", "split_k",
-            "ms", "of_copy_bw", "rel_err"]
+            "splits", "ms", "of_copy_bw", "rel_err"]
     lines = [f"copy bandwidth {bandwidth / 1e9:.0f} GB/s", "",
              "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     for r in rows:

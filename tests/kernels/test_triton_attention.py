@@ -101,6 +101,50 @@ def test_paged_attention_matches_reference(case: AttentionCase, dtype: torch.dty
     assert_close(attn_t.paged_attention_triton(*args), want, dtype)
 
 
+SPLIT_CASES = [
+    # Decode (one program per sequence): contexts shorter than a share, a context of one key,
+    # shares of several key blocks.
+    AttentionCase("decode_split", (5, 2, 1, 150, 33, 7), (1,) * 6, (8, 2), 16, 16),
+    # T == B with uneven queries (0, 2 or 9 per sequence): the per-sequence programs walk 0 to
+    # 5 query blocks of 2 queries (8 heads per KV head).
+    AttentionCase("per_sequence_uneven", (9, 30, 4, 2, 3, 1, 7, 5, 6, 8, 2),
+                  (0, 9, 0, 2, 0, 0, 0, 0, 0, 0, 0), (8, 1), 16, 4),
+    AttentionCase("prefill_split", (40, 13, 70), (40, 5, 1), (6, 2), 24, 16),
+] + ([AttentionCase("llama3_decode_split", tuple(range(1, 1 + 24 * 97, 97)), (1,) * 24,
+                    (32, 8), 128, 16)] if ON_CUDA else [])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("splits", [None, 2, 5, 16])
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=lambda c: c.name)
+def test_split_keys_match_reference(case: AttentionCase, splits: int | None,
+                                    dtype: torch.dtype) -> None:
+    """Keys split in shares (flash-decoding) and combined: the same attention, any share count
+    (None: the launcher's choice), shares past the keys empty; small key blocks give shares."""
+    gen = gen_for("attention-split", case.name, dtype)
+    b = make_kv(case, dtype, gen)
+    args = (b["q"], b["k_cache"], b["v_cache"], b["block_tables"], b["context_lens"],
+            b["query_start_loc"], case.head_dim ** -0.5)
+    want = paged_attention_ref(*args)
+    out = torch.full_like(b["q"], float("nan"))
+    attn_t.attention_into(out, *args, block_n=16, splits=splits)
+    assert_close(out, want, dtype)
+
+
+@pytest.mark.parametrize("num_seqs,kv_heads,capacity", [
+    (1, 8, 8192), (3, 2, 8192), (64, 8, 1024), (1, 1, 100), (1, 1, 256), (1024, 8, 8192)])
+def test_decode_splits_fill_the_grid_from_shapes_only(num_seqs: int, kv_heads: int,
+                                                      capacity: int) -> None:
+    """The fewest power-of-two splits (≤ 16) that give ~4 programs per SM, each spanning at
+    least one key block (64) of the tables' capacity."""
+    target = attn_t.PROGRAMS_PER_SM * attn_t._num_sms(DEVICE)
+    splits = attn_t.decode_splits(num_seqs, kv_heads, capacity, 64, DEVICE)
+    assert splits in (1, 2, 4, 8, 16) and splits * 64 <= max(capacity, 64)
+    programs = num_seqs * kv_heads
+    full = programs * splits >= target or splits == 16 or 2 * splits * 64 > capacity
+    assert full and (splits == 1 or programs * splits // 2 < target)
+
+
 @pytest.mark.skipif(not ON_CUDA, reason="needs a 4 GiB pool")
 def test_paged_attention_and_write_kv_past_2_31_elements() -> None:
     """Page offsets past 2³¹ elements (a real pool: 1 Mi-element pages) need 64-bit pointers."""
