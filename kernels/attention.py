@@ -54,6 +54,8 @@ def _attend(q: torch.Tensor, seq: torch.Tensor, index: torch.Tensor, k_cache: to
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
     max_queries, max_context = int(q_lens.max()), int(context_lens.max())
+    if max_context == 0:  # pad sequences only (CUDA-graph padding): no key, zeros
+        return q.new_zeros(q.shape, dtype=torch.float32)
     q_pad = q.new_zeros(num_seqs, max_queries, num_heads, head_dim, dtype=torch.float32)
     q_pad[seq, index] = q.float()
     # [B, H_kv, group * Nq, D]: query head h = kv * group + g attends kv head h // group.
@@ -83,6 +85,7 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     """Semantics:  for sequence b, its n_b queries t are context positions p = ctx_b - n_b + i:
                     K, V = context b's first p + 1 keys/values from its pages (GQA: h // (H_q/H_kv))
                     out[t, h] = softmax(sm_scale * q[t, h] @ K.T, fp32) @ V
+                (a sequence with no key at all, as a pad of a padded step, gets zeros)
     q: [T, H_q, D]; k_cache, v_cache: [num_pages, page_size, H_kv, D] (strided views are fine);
     block_tables: [B, max_pages] int32/int64 (padded); context_lens: [B] int32/int64;
     query_start_loc: [B+1] int32/int64 (0 … T) → out: [T, H_q, D] in q.dtype (new).

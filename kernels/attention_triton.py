@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from loraplex.kernels.dispatch import memoized
+
 
 @triton.jit
 def _write_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slots_ptr, page_size, num_kv_heads,
@@ -252,8 +254,10 @@ def attention_into(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor,
         if splits is None:
             splits = decode_splits(num_seqs, num_kv_heads,
                                    block_tables.shape[1] * k_cache.shape[1], block_n, q.device)
-    else:
-        block_seq, block_first, grid = _query_blocks(query_start_loc, num_tokens, block_m)
+    else:  # the same for every layer of a step: derived once per step memo
+        block_seq, block_first, grid = memoized(
+            "attention_query_blocks", query_start_loc, (num_tokens, block_m),
+            lambda: _query_blocks(query_start_loc, num_tokens, block_m))
     splits = splits or 1
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     block_tables = block_tables if block_tables.stride(1) == 1 else block_tables.contiguous()

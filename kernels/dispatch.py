@@ -1,6 +1,7 @@
 """Chooses between each op's torch reference and its Triton twin, and checks kernel arguments.
 
-Owns `use_triton`, `pick` and `KernelArgumentError`. Imports nothing of ours.
+Owns `use_triton`, `pick`, `KernelArgumentError` and the step memo (`step_memo`, `memoized`).
+Imports nothing of ours.
 """
 
 from __future__ import annotations
@@ -9,7 +10,9 @@ import importlib
 import importlib.util
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from functools import lru_cache
 
 import torch
@@ -87,3 +90,34 @@ def check_same_device(**tensors: torch.Tensor) -> None:
     """All tensors live on one device."""
     devices = {name: t.device for name, t in tensors.items()}
     check(len(set(devices.values())) <= 1, f"tensors on different devices: {devices}")
+
+
+_STEP_MEMO: ContextVar[dict | None] = ContextVar("loraplex_step_memo", default=None)
+
+
+@contextmanager
+def step_memo() -> Iterator[None]:
+    """Within it, launchers keep what they derive from a step's index tensors (block maps of
+    segments and query blocks) for the next layer instead of deriving it again.
+
+    One forward, one memo: the step's index tensors must not change inside it. A CUDA-graph
+    capture is a forward of its own, so what it records is derived inside the graph.
+    """
+    token = _STEP_MEMO.set({})
+    try:
+        yield
+    finally:
+        _STEP_MEMO.reset(token)
+
+
+def memoized(name: str, source: torch.Tensor, extra: tuple, derive: Callable[[], object]):
+    """`derive()`, kept in the current step memo under (name, source, extra); without a memo,
+    derived each time. The memo holds `source` itself, so a new tensor never matches."""
+    memo = _STEP_MEMO.get()
+    if memo is None:
+        return derive()
+    key = (name, id(source), extra)
+    hit = memo.get(key)
+    if hit is None or hit[0] is not source:
+        hit = memo[key] = (source, derive())
+    return hit[1]

@@ -14,8 +14,10 @@ Pad tokens get token 0, no KV write (slot -1), no adapter; pad sequences an empt
 attention reads nothing). Inputs are copied into static buffers the graphs were captured on;
 the first step of each key runs eagerly on those buffers (which compiles and warms every kernel,
 and is that step's result), then is captured. LoRA/DoRA graphs read the residency's row tables
-in place (updated in place, never replaced); steps with SHiRA tokens run eagerly.
-Imports `model.models.llama` only.
+in place (updated in place, never replaced), and launch only the projections that some adapter
+of the batch targets (a graph per such set of modules, for the first `MAX_MODULE_SETS` sets;
+later sets run every projection); steps with SHiRA tokens run eagerly.
+Imports `model.config` and `model.models.llama` only.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from loraplex.model.config import TARGET_MODULES
 from loraplex.model.models.llama import ForwardContext, LlamaModel
 
 if TYPE_CHECKING:
@@ -37,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 TOKEN_BUCKETS = (16, 32, 64, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
+MAX_MODULE_SETS = 4  # graphs per (kind, size) for distinct sets of adapter-targeted modules
 
 
 def buckets_up_to(limit: int, sizes: tuple[int, ...] = BUCKETS) -> tuple[int, ...]:
@@ -55,6 +59,9 @@ class _Captured:
     graph: torch.cuda.CUDAGraph
     logits: torch.Tensor  # [rows, vocab] written by each replay
     tables: object | None  # the row tables captured (their tensors must stay the same)
+
+
+GraphKey = tuple[str, int, bool, frozenset[int] | None]  # kind, size, LoRA, modules (None: all)
 
 
 class StepGraphs:
@@ -83,7 +90,8 @@ class StepGraphs:
         # Decode graphs: sequence i is token i, and every token samples (never overwritten).
         self.decode_starts = torch.arange(n + 1, dtype=torch.int32, device=dev)
         self.decode_rows = torch.arange(n, dtype=torch.int64, device=dev)
-        self._graphs: dict[tuple[str, int, bool], _Captured] = {}
+        self._graphs: dict[GraphKey, _Captured] = {}
+        self.module_sets: set[frozenset[int]] = set()
         self.capture = capture
         self._mempool = torch.cuda.graph_pool_handle() if capture else None
         self._pool_ptr: int | None = None
@@ -111,17 +119,30 @@ class StepGraphs:
             self._fill_decode(batch, size)
         else:
             self._fill_mixed(batch, size)
-        key = ("decode" if decode else "mixed", size, tables is not None)
+        modules = self._modules(batch) if tables is not None else None
+        key = ("decode" if decode else "mixed", size, tables is not None, modules)
         self.num_steps[key[0]] += 1
         captured = self._graphs.get(key)
         if captured is not None and captured.tables is tables:
             captured.graph.replay()
             return captured.logits[:num_rows].clone()
         ctx, rows = self._context(decode, size, kv_caches, pool_flat, tables)
+        ctx.adapter_modules = modules
         logits = self.model.forward(self.input_ids[:size], ctx, rows)
         if self.capture:
             self._capture(key, ctx, rows, tables)
         return logits[:num_rows]
+
+    def _modules(self, batch: "Batch") -> frozenset[int] | None:
+        """The batch's adapter-targeted modules as a graph key; None (every projection) for a
+        set past the first `MAX_MODULE_SETS` (bounds the graphs kept)."""
+        if batch.adapter_modules is None:
+            return None
+        modules = frozenset(TARGET_MODULES.index(name) for name in batch.adapter_modules)
+        if modules not in self.module_sets and len(self.module_sets) >= MAX_MODULE_SETS:
+            return None
+        self.module_sets.add(modules)
+        return modules
 
     def _put(self, dst: torch.Tensor, src: torch.Tensor, end: int, pad: int) -> None:
         """dst[:len(src)] = src; dst[len(src):end] = pad."""
@@ -183,7 +204,7 @@ class StepGraphs:
             ctx.lora_seg_slots = self.seg_slots
         return ctx, rows
 
-    def _capture(self, key: tuple[str, int, bool], ctx: ForwardContext, rows: torch.Tensor,
+    def _capture(self, key: GraphKey, ctx: ForwardContext, rows: torch.Tensor,
                  tables: object | None) -> None:
         t0 = time.perf_counter()
         size = key[1]
@@ -201,4 +222,12 @@ class StepGraphs:
         self._graphs[key] = _Captured(graph, logits, tables)
         logger.info("captured a %s graph for %d %s%s in %.0f ms", key[0], size,
                     "sequences" if key[0] == "decode" else "tokens",
-                    " with adapters" if key[2] else "", (time.perf_counter() - t0) * 1e3)
+                    _adapters_note(key), (time.perf_counter() - t0) * 1e3)
+
+
+def _adapters_note(key: GraphKey) -> str:
+    if not key[2]:
+        return ""
+    if key[3] is None:
+        return " with adapters"
+    return " with adapters on " + ",".join(TARGET_MODULES[m] for m in sorted(key[3]))

@@ -110,6 +110,8 @@ SPLIT_CASES = [
     AttentionCase("per_sequence_uneven", (9, 30, 4, 2, 3, 1, 7, 5, 6, 8, 2),
                   (0, 9, 0, 2, 0, 0, 0, 0, 0, 0, 0), (8, 1), 16, 4),
     AttentionCase("prefill_split", (40, 13, 70), (40, 5, 1), (6, 2), 24, 16),
+    # Pad sequences of a padded step only: no key, zeros (also no page at all).
+    AttentionCase("pads_only", (0, 0, 0), (1, 1, 1), (4, 2), 16, 16),
 ] + ([AttentionCase("llama3_decode_split", tuple(range(1, 1 + 24 * 97, 97)), (1,) * 24,
                     (32, 8), 128, 16)] if ON_CUDA else [])
 

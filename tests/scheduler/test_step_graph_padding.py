@@ -8,6 +8,7 @@ the Triton kernels see the same padded inputs a captured graph gives them on a G
 
 from __future__ import annotations
 
+from loraplex.model.config import TARGET_MODULES
 from loraplex.model.graphs import StepGraphs
 from tests.conftest import assert_pool_clean, make_engine
 from tests.scheduler.test_engine_batching import (  # noqa: F401 (fixtures)
@@ -40,4 +41,23 @@ def test_padded_steps_give_peft_tokens(tiny_model_dir, adapter_dirs, expected): 
         assert out.token_ids == expected(a, p), f"adapter {a}, prompt of {len(p)}"
     # Both kinds of step ran padded (SHiRA steps, unless fused, stay eager).
     assert graphs.num_steps["decode"] > 0 and graphs.num_steps["mixed"] > 0, graphs.num_steps
+    assert_pool_clean(engine)
+
+
+def test_graphs_launch_only_the_modules_the_batch_targets(tiny_model_dir, adapter_dirs,  # noqa: F811
+                                                          expected):  # noqa: F811
+    """A batch of q/v-only adapters keys (and, on a GPU, captures) a graph that skips the other
+    projections' LoRA launches; mixing in other targets widens the set; tokens stay peft's."""
+    engine = make_engine(tiny_model_dir(ARCH)[1], max_num_seqs=4, max_batched_tokens=64)
+    graphs = static_graphs(engine, 64)
+    register(engine, adapter_dirs)
+    prompts = [p for p, _ in workload(3)]
+    outs = engine.generate(prompts[:2], greedy(), ["r8-qv", "r8-qv"])
+    outs += engine.generate(prompts[2:], greedy(), ["r7-attn"])
+    for p, a, out in zip(prompts, ["r8-qv", "r8-qv", "r7-attn"], outs):
+        assert out.token_ids == expected(a, p)
+    index = {name: i for i, name in enumerate(TARGET_MODULES)}
+    assert frozenset((index["q_proj"], index["v_proj"])) in graphs.module_sets
+    assert frozenset(index[m] for m in ("q_proj", "k_proj", "v_proj", "o_proj")) \
+        in graphs.module_sets
     assert_pool_clean(engine)
