@@ -9,8 +9,18 @@ from loraplex.kernels.attention import (
     write_kv,
     write_kv_ref,
 )
-from loraplex.kernels.dispatch import KernelArgumentError, use_triton
+from loraplex.kernels.dispatch import KernelArgumentError, step_memo, use_triton
 from loraplex.kernels.dora import dora_scale, dora_scale_ref
+from loraplex.kernels.fused import (
+    add_rms_norm,
+    add_rms_norm_ref,
+    rms_norm,
+    rms_norm_ref,
+    rope,
+    rope_ref,
+    silu_mul,
+    silu_mul_ref,
+)
 from loraplex.kernels.lora import (
     lora_expand,
     lora_expand_ref,
@@ -31,6 +41,8 @@ from loraplex.kernels.shira import shira_gather, shira_gather_ref
 
 __all__ = [
     "KernelArgumentError",
+    "add_rms_norm",
+    "add_rms_norm_ref",
     "dora_scale",
     "dora_scale_ref",
     "lora_apply",
@@ -47,8 +59,15 @@ __all__ = [
     "lora_shrink_segments_ref",
     "paged_attention",
     "paged_attention_ref",
+    "rms_norm",
+    "rms_norm_ref",
+    "rope",
+    "rope_ref",
     "shira_gather",
     "shira_gather_ref",
+    "silu_mul",
+    "silu_mul_ref",
+    "step_memo",
     "use_triton",
     "write_kv",
     "write_kv_ref",

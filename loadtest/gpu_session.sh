@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One device call for the engine's GPU path (issues 4 and 5), stages in order of importance
-# (STAGES picks and orders them; default: engine load bf16):
+# (STAGES picks and orders them; default: kernels engine bf16 bench sweep, about 8 minutes):
+#   kernels every Triton twin vs its reference at small and Llama-3-8B shapes, fp32/fp16/bf16
+#           (LoRA, DoRA, SHiRA, attention with key splits, fused norm/RoPE/SiLU) → $OUT/kernels.log
 #   engine  fp32 engine tests on the Triton path with CUDA graphs (parity with transformers +
 #           peft, batching, SHiRA fusion, lifecycle, device prefetch)   → $OUT/engine_fp32.log
 #   load    the real-shape load test (loadtest/gpu_load.py)             → $OUT/gpu_load/
@@ -8,11 +10,12 @@
 #   bench   kernel and decode-step benchmarks, no reference timings     → $OUT/kernels.md/.json
 #   sweep   launch-parameter sweep of the decode kernels, each checked  → $OUT/kernels_sweep.*
 # Run from the repository root:  OUT=gpu_out STAGES="engine bench" bash loadtest/gpu_session.sh
-# (LOAD_BUDGET, RATES, LOAD_FLAGS, BENCH_TIMEOUT, SWEEP_TIMEOUT tune the stages)
+# (KERNELS_TIMEOUT, LOAD_BUDGET, RATES, LOAD_FLAGS, BENCH_TIMEOUT, SWEEP_TIMEOUT tune the stages;
+# STAGES="" runs none)
 set -u
 LOAD_BUDGET=${LOAD_BUDGET:-140}
 RATES=${RATES:-4,8,16,32,64}
-STAGES=${STAGES:-engine load bf16}
+STAGES=${STAGES-kernels engine bf16 bench sweep}
 source "$(dirname "$0")/gpu_env.sh"
 start=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - start )) s] $*" | tee -a "$OUT/summary.txt"; }
@@ -24,6 +27,11 @@ ENGINE_TESTS="tests/scheduler/test_engine_parity.py tests/scheduler/test_shira_f
 for stage in $STAGES; do
     stamp "$stage"
     case $stage in
+    kernels)
+        timeout ${KERNELS_TIMEOUT:-200} "$PY" -m pytest -q -p no:cacheprovider \
+            tests/kernels/test_triton_kernels.py tests/kernels/test_triton_attention.py \
+            tests/kernels/test_fused_kernels.py --durations=5 > "$OUT/kernels.log" 2>&1
+        stamp "kernels rc=$?"; tail -n 12 "$OUT/kernels.log" ;;
     engine)
         # Graphs of decode steps (the default) and of steps with prefill (opt-in) both run.
         LORAPLEX_TEST_DEVICE=cuda LORAPLEX_TEST_DTYPE=float32 LORAPLEX_TEST_GRAPHS_PREFILL=1 \
@@ -44,7 +52,7 @@ for stage in $STAGES; do
             --skip prefill --out "$OUT" > "$OUT/bench.log" 2>&1
         stamp "bench rc=$?"; tail -n 70 "$OUT/bench.log" ;;
     sweep)
-        timeout ${SWEEP_TIMEOUT:-80} "$PY" -m loraplex.loadtest.bench_sweep --check --out "$OUT" \
+        timeout ${SWEEP_TIMEOUT:-180} "$PY" -m loraplex.loadtest.bench_sweep --check --out "$OUT" \
             > "$OUT/sweep.log" 2>&1
         stamp "sweep rc=$?"; grep -E "failed|\[" "$OUT/sweep.log" ;;
     esac

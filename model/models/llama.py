@@ -10,9 +10,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from loraplex.kernels.attention import paged_attention, write_kv
+from loraplex.kernels.dispatch import step_memo
+from loraplex.kernels.fused import add_rms_norm, rms_norm, rope, silu_mul
 from loraplex.kernels.lora_slices import lora_apply, lora_apply_segments
 from loraplex.kernels.shira import shira_gather
 from loraplex.model.config import TARGET_MODULES, ModelConfig
@@ -40,13 +41,6 @@ class ForwardContext:
     adapter_modules: frozenset[int] | None = None  # modules some adapter targets; None: all
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # HF's LlamaRMSNorm: normalise in fp32, cast back, then scale.
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
-
-
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     """[head_dim / 2] fp32 inverse frequencies, with `linear` or `llama3` scaling applied."""
     dim = config.head_dim
@@ -66,13 +60,6 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
         is_mid = (wavelen >= old_len / high) & (wavelen <= old_len / low)
         return torch.where(is_mid, mid, scaled)
     return inv_freq
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, H, D]; cos/sin: [T, D] (halves repeated, as HF's rotate_half expects)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
 
 
 class LlamaModel:
@@ -132,17 +119,24 @@ class LlamaModel:
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext,
                 logits_indices: torch.Tensor) -> torch.Tensor:
         """input_ids: [T] → logits [len(logits_indices), vocab] (fp32)."""
-        c = self.config
+        eps = self.config.rms_norm_eps
         h = self.embed[input_ids]  # [T, hidden]
+        # cos/sin once per step, rounded to h's dtype before use (as HF's rotary embedding).
         freqs = ctx.positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos().to(h.dtype), emb.sin().to(h.dtype)
-        for i, lw in enumerate(self.layers):
-            x = rms_norm(h, lw["input_norm"], c.rms_norm_eps)
-            h = h + self._attention(i, lw, x, cos, sin, ctx)
-            x = rms_norm(h, lw["post_norm"], c.rms_norm_eps)
-            h = h + self._mlp(i, lw, x, ctx)
-        h = rms_norm(h[logits_indices], self.norm, c.rms_norm_eps)
+        cos, sin = emb.cos().to(h.dtype), emb.sin().to(h.dtype)  # [T, head_dim]
+        # Each residual add is fused with the norm that reads its sum (one launch each).
+        x = rms_norm(h, self.layers[0]["input_norm"], eps)
+        with step_memo():  # index maps of the step's segments and queries: once, not per layer
+            for i, lw in enumerate(self.layers):
+                h, x = add_rms_norm(h, self._attention(i, lw, x, cos, sin, ctx),
+                                    lw["post_norm"], eps)
+                delta = self._mlp(i, lw, x, ctx)  # [T, hidden]
+                if i + 1 == len(self.layers):
+                    h = h + delta  # the final norm reads only the logits rows
+                else:
+                    h, x = add_rms_norm(h, delta, self.layers[i + 1]["input_norm"], eps)
+        h = rms_norm(h[logits_indices], self.norm, eps)
         return (h @ self.lm_head.T).float()
 
     def _attention(self, i: int, lw: dict, x: torch.Tensor, cos: torch.Tensor,
@@ -157,7 +151,7 @@ class LlamaModel:
         if lw["q_norm"] is not None:
             q = rms_norm(q, lw["q_norm"], c.rms_norm_eps)
             k = rms_norm(k, lw["k_norm"], c.rms_norm_eps)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = rope(q, k, cos, sin)  # [T, H_q, D], [T, H_kv, D]
         k_cache, v_cache = ctx.kv_caches[i]
         write_kv(k_cache, v_cache, k, v, ctx.slot_mapping)
         out = paged_attention(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens,
@@ -167,8 +161,7 @@ class LlamaModel:
 
     def _mlp(self, i: int, lw: dict, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         gate_up = self._project(i, (GATE, UP), x, lw["gate_up"], lw["gate_up_bias"], ctx)
-        gate, up = gate_up.split(self.gate_up_sizes, dim=-1)
-        return self._project(i, (DOWN,), F.silu(gate) * up, lw["down"], lw["down_bias"], ctx)
+        return self._project(i, (DOWN,), silu_mul(gate_up), lw["down"], lw["down_bias"], ctx)
 
     def _project(self, layer: int, modules: tuple[int, ...], x: torch.Tensor,
                  weight: torch.Tensor, bias: torch.Tensor | None,
