@@ -6,20 +6,23 @@ Imports triton; re-exported by `lora_triton` (where `kernels.dispatch` finds the
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
 from loraplex.kernels.lora_triton_common import (
+    epilogue,
     g_row_args,
+    load_rows,
     padded_slice_sizes,
     row_tables,
-    vec_width,
-    epilogue,
-    load_rows,
     slice_columns,
     slot_scalars,
+    vec_width,
 )
+
 
 @triton.jit
 def _segment_of_block(block_seg_ptr, block_first_ptr, seg_starts_ptr, seg_slots_ptr, num_segs,
@@ -94,20 +97,42 @@ def _expand_segments_kernel(h_ptr, pool_ptr, rows_ptr, ranks_ptr, scales_ptr, se
                  cols[None, :], col_mask[None, :], HAS_G)
 
 
+SEGMENT_BLOCK_M = 32
+"""Tokens per program of both prefill kernels: one block map serves the shrink and the expand."""
+
+
+class BlockMap(NamedTuple):
+    """Which segment each prefill program works on, built on the device by `block_map`."""
+
+    block_seg: torch.Tensor  # [P] int64 segment of each program (>= G: idle program)
+    block_first: torch.Tensor  # [G] int64 first program of each segment
+    num_programs: int  # P, the grid's first dimension
+    block_m: int  # tokens per program it was built for
+
+
 def block_map(seg_starts: torch.Tensor, num_tokens: int,
-              block_m: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(segment of each program [P], first program of each segment [G], P), on the device.
+              block_m: int = SEGMENT_BLOCK_M) -> BlockMap:
+    """The programs of a prefill launch: 8 small torch ops, so one map serves both stages.
 
     P = cdiv(T, BLOCK_M) + G bounds Σ cdiv(len_g, BLOCK_M) without reading lengths on the host
     (no sync); programs past the last segment exit at once.
     """
-    starts = seg_starts.long()
-    lengths = (starts[1:] - starts[:-1]).clamp(min=0)
-    num_blocks = (lengths + block_m - 1) // block_m
+    # int32 starts stay int32 (no conversion launch); cumsum returns int64 for either dtype.
+    lengths = (seg_starts[1:] - seg_starts[:-1]).clamp(min=0)
+    num_blocks = (lengths + (block_m - 1)) // block_m
     block_end = torch.cumsum(num_blocks, 0)
     grid = triton.cdiv(num_tokens, block_m) + lengths.shape[0]
     programs = torch.arange(grid, device=seg_starts.device)
-    return torch.searchsorted(block_end, programs, right=True), block_end - num_blocks, grid
+    return BlockMap(torch.searchsorted(block_end, programs, right=True),
+                    block_end - num_blocks, grid, block_m)
+
+
+def _map_for(segment_map: BlockMap | None, seg_starts: torch.Tensor, num_tokens: int,
+             block_m: int) -> BlockMap:
+    if segment_map is None:
+        return block_map(seg_starts, num_tokens, block_m)
+    assert segment_map.block_m == block_m, f"map for BLOCK_M {segment_map.block_m}, not {block_m}"
+    return segment_map
 
 
 def _precision(pool_flat: torch.Tensor) -> str:
@@ -117,9 +142,11 @@ def _precision(pool_flat: torch.Tensor) -> str:
 
 def shrink_segments_into(h: torch.Tensor, x: torch.Tensor, pool_flat: torch.Tensor,
                          a_rows: torch.Tensor, ranks: torch.Tensor, seg_starts: torch.Tensor,
-                         seg_slots: torch.Tensor, block_m: int = 32, block_k: int = 64) -> None:
+                         seg_slots: torch.Tensor, block_m: int = SEGMENT_BLOCK_M,
+                         block_k: int = 64, segment_map: BlockMap | None = None) -> None:
     """Prefill shrink of NS slices into h [NS, T, R]: writes every element of tokens inside a
-    segment (zeros past the rank or for slot -1); tokens outside all segments are not touched."""
+    segment (zeros past the rank or for slot -1); tokens outside all segments are not touched.
+    segment_map: `block_map(seg_starts, T, block_m)` when the caller has it already."""
     num_slices, num_tokens, max_rank = h.shape
     num_segs = seg_slots.shape[0]
     if num_tokens == 0 or max_rank == 0 or num_segs == 0:
@@ -127,13 +154,13 @@ def shrink_segments_into(h: torch.Tensor, x: torch.Tensor, pool_flat: torch.Tens
     a_rows, ranks = row_tables(a_rows, ranks)
     x = x if x.stride(1) == 1 else x.contiguous()
     block_r = min(64, max(16, triton.next_power_of_2(max_rank)))
-    block_seg, block_first, num_programs = block_map(seg_starts, num_tokens, block_m)
-    grid = (num_programs, triton.cdiv(max_rank, block_r), num_slices)
+    bmap = _map_for(segment_map, seg_starts, num_tokens, block_m)
+    grid = (bmap.num_programs, triton.cdiv(max_rank, block_r), num_slices)
     _shrink_segments_kernel[grid](
-        x, pool_flat, a_rows, ranks, seg_starts, seg_slots, block_seg, block_first, h, num_segs,
-        x.shape[1], max_rank, x.stride(0), a_rows.stride(0), a_rows.stride(1), ranks.stride(0),
-        h.stride(0), h.stride(1), BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k,
-        VEC=vec_width(pool_flat), PRECISION=_precision(pool_flat), num_warps=4)
+        x, pool_flat, a_rows, ranks, seg_starts, seg_slots, bmap.block_seg, bmap.block_first, h,
+        num_segs, x.shape[1], max_rank, x.stride(0), a_rows.stride(0), a_rows.stride(1),
+        ranks.stride(0), h.stride(0), h.stride(1), BLOCK_M=block_m, BLOCK_R=block_r,
+        BLOCK_K=block_k, VEC=vec_width(pool_flat), PRECISION=_precision(pool_flat), num_warps=4)
 
 
 def lora_shrink_segments_slices_triton(x: torch.Tensor, pool_flat: torch.Tensor,
@@ -160,9 +187,12 @@ def lora_expand_segments_slices_triton(h: torch.Tensor, pool_flat: torch.Tensor,
                                        scales: torch.Tensor, seg_starts: torch.Tensor,
                                        seg_slots: torch.Tensor, out: torch.Tensor,
                                        slice_sizes: tuple[int, ...] | None = None,
-                                       g_rows: torch.Tensor | None = None, block_m: int = 32,
-                                       block_n: int = 64) -> None:
-    """`lora_expand_segments_ref` for NS slices (shapes as `lora_expand_slices_triton`)."""
+                                       g_rows: torch.Tensor | None = None,
+                                       block_m: int = SEGMENT_BLOCK_M, block_n: int = 64,
+                                       segment_map: BlockMap | None = None) -> None:
+    """`lora_expand_segments_ref` for NS slices (shapes as `lora_expand_slices_triton`); reads
+    h only at tokens of segments with slot >= 0 and ranks below their slot's rank.
+    segment_map: `block_map(seg_starts, T, block_m)` when the caller has it already."""
     num_slices, num_tokens, max_rank = h.shape
     sizes = padded_slice_sizes(out, slice_sizes, num_slices)
     num_segs = seg_slots.shape[0]
@@ -173,12 +203,12 @@ def lora_expand_segments_slices_triton(h: torch.Tensor, pool_flat: torch.Tensor,
     g, stride_gn, stride_gs = g_row_args(g_rows, ranks)
     h = h if h.stride(2) == 1 else h.contiguous()
     block_r = min(32, max(16, triton.next_power_of_2(max_rank)))
-    block_seg, block_first, num_programs = block_map(seg_starts, num_tokens, block_m)
-    grid = (num_programs, triton.cdiv(max(sizes), block_n), num_slices)
+    bmap = _map_for(segment_map, seg_starts, num_tokens, block_m)
+    grid = (bmap.num_programs, triton.cdiv(max(sizes), block_n), num_slices)
     _expand_segments_kernel[grid](
-        h, pool_flat, b_rows, ranks, scales, seg_starts, seg_slots, block_seg, block_first, g,
-        out, num_segs, *sizes, h.stride(0), h.stride(1), b_rows.stride(0), b_rows.stride(1),
-        ranks.stride(0), stride_gn, stride_gs, out.stride(0), out.stride(1),
+        h, pool_flat, b_rows, ranks, scales, seg_starts, seg_slots, bmap.block_seg,
+        bmap.block_first, g, out, num_segs, *sizes, h.stride(0), h.stride(1), b_rows.stride(0),
+        b_rows.stride(1), ranks.stride(0), stride_gn, stride_gs, out.stride(0), out.stride(1),
         HAS_G=g_rows is not None, BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_N=block_n,
         VEC=vec_width(pool_flat), PRECISION=_precision(pool_flat), num_warps=4)
 

@@ -22,23 +22,28 @@ from loraplex.kernels.lora_segments_triton import (  # noqa: F401 (twins found h
 )
 from loraplex.kernels.lora_triton_common import (  # noqa: F401 (MAX_SLICES: public)
     MAX_SLICES,
+    epilogue,
     g_row_args,
+    load_rows,
     num_sms,
     padded_slice_sizes,
     row_tables,
-    vec_width,
-    epilogue,
-    load_rows,
     slice_columns,
     slot_scalars,
+    vec_width,
 )
+
 
 @triton.jit
 def _shrink_kernel(x_ptr, pool_ptr, rows_ptr, ranks_ptr, slots_ptr, h_ptr,
-                   d_in, max_rank, stride_xt, stride_rn, stride_rs, stride_kn, stride_hn,
-                   stride_ht, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                   d_in, max_rank, stride_xt, stride_rn, stride_rs, stride_kn, stride_hs,
+                   stride_hn, stride_ht, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
                    SPLIT_K: tl.constexpr, VEC: tl.constexpr):
-    """One token × BLOCK_R rank rows × 1/SPLIT_K of d_in × one slice (Punica's BGMV shrink)."""
+    """One token × BLOCK_R rank rows × 1/SPLIT_K of d_in × one slice (Punica's BGMV shrink).
+
+    Split `s` stores its partial sums in plane s of h with plain stores: no zeroed buffer, no
+    atomics, the same sums on every run; the expand adds the planes up.
+    """
     t, n = tl.program_id(0), tl.program_id(2)
     rb, split = tl.program_id(1) // SPLIT_K, tl.program_id(1) % SPLIT_K
     slot, rank, _ = slot_scalars(tl.load(slots_ptr + t), ranks_ptr + n * stride_kn, ranks_ptr,
@@ -55,20 +60,18 @@ def _shrink_kernel(x_ptr, pool_ptr, rows_ptr, ranks_ptr, slots_ptr, h_ptr,
             x = tl.load(x_ptr + t * stride_xt + k, mask=k < d_in, other=0.0).to(tl.float32)
             a = load_rows(pool_ptr, rows, live, k, k < d_in, VEC).to(tl.float32)
             acc += tl.sum(a * x[None, :], axis=1)
-    h_ptrs = h_ptr + n * stride_hn + t * stride_ht + r
-    if SPLIT_K == 1:
-        tl.store(h_ptrs, acc, mask=r < max_rank)  # zeros too: every element is written
-    else:
-        tl.atomic_add(h_ptrs, acc, mask=live)
+    h_ptrs = h_ptr + split * stride_hs + n * stride_hn + t * stride_ht + r
+    tl.store(h_ptrs, acc, mask=r < max_rank)  # zeros too: every element of every plane
 
 
 @triton.jit
 def _expand_kernel(h_ptr, pool_ptr, rows_ptr, ranks_ptr, scales_ptr, slots_ptr, g_ptr, out_ptr,
-                   d0, d1, d2, stride_hn, stride_ht, stride_rn, stride_rs, stride_kn,
+                   d0, d1, d2, stride_hs, stride_hn, stride_ht, stride_rn, stride_rs, stride_kn,
                    stride_gn, stride_gs, stride_ot, stride_oc,
-                   HAS_G: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                   VEC: tl.constexpr):
-    """One token × BLOCK_N output columns × one slice (Punica's BGMV expand), DoRA epilogue."""
+                   HAS_G: tl.constexpr, SPLIT: tl.constexpr, BLOCK_R: tl.constexpr,
+                   BLOCK_N: tl.constexpr, VEC: tl.constexpr):
+    """One token × BLOCK_N output columns × one slice (Punica's BGMV expand), DoRA epilogue;
+    h is the sum of SPLIT planes (the shrink's split-K partials; SPLIT = 1: h itself)."""
     t, nb, n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     d_out, col0 = slice_columns(n, d0, d1, d2)
     slot, rank, g_row = slot_scalars(tl.load(slots_ptr + t), ranks_ptr + n * stride_kn,
@@ -80,7 +83,10 @@ def _expand_kernel(h_ptr, pool_ptr, rows_ptr, ranks_ptr, scales_ptr, slots_ptr, 
         for r0 in range(0, rank, BLOCK_R):
             r = r0 + tl.arange(0, BLOCK_R)
             live = r < rank
-            h = tl.load(h_ptr + n * stride_hn + t * stride_ht + r, mask=live, other=0.0)
+            h_ptrs = h_ptr + n * stride_hn + t * stride_ht + r
+            h = tl.load(h_ptrs, mask=live, other=0.0)
+            for s in tl.static_range(1, SPLIT):  # unrolled; nothing at all when SPLIT == 1
+                h += tl.load(h_ptrs + s * stride_hs, mask=live, other=0.0)
             rows = tl.load(rows_ptr + n * stride_rn + slot * stride_rs + r, mask=live, other=0)
             b = load_rows(pool_ptr, rows, live, cols, col_mask, VEC).to(tl.float32)
             acc += tl.sum(h[:, None] * b, axis=0)
@@ -101,42 +107,73 @@ def shrink_split_k(num_tokens: int, num_slices: int, max_rank: int, d_in: int,
     return split
 
 
-def shrink_into(h: torch.Tensor, x: torch.Tensor, pool_flat: torch.Tensor, a_rows: torch.Tensor,
-                ranks: torch.Tensor, token_slots: torch.Tensor, split_k: int = 1,
-                block_r: int = 16, block_k: int = 256, num_warps: int = 4) -> None:
-    """Decode shrink of NS slices into h [NS, T, R] fp32 (last dim contiguous).
+def shrink_partials_into(partials: torch.Tensor, x: torch.Tensor, pool_flat: torch.Tensor,
+                         a_rows: torch.Tensor, ranks: torch.Tensor, token_slots: torch.Tensor,
+                         block_r: int = 16, block_k: int = 256, num_warps: int = 4) -> None:
+    """Decode shrink of NS slices with d_in split in SPLIT parts: partials [SPLIT, NS, T, R] fp32
+    (last dim contiguous), plane s holding part s's sums; the planes add up to h [NS, T, R].
 
-    split_k == 1 writes every element (zeros past a rank or without adapter); split_k > 1 adds
-    with atomics, so h must hold zeros.
+    Every element is written (zeros past a rank, without adapter, or for a part past d_in), so
+    `partials` may come from torch.empty.
     """
-    num_slices, num_tokens, max_rank = h.shape
+    split_k, num_slices, num_tokens, max_rank = partials.shape
     if num_tokens == 0 or max_rank == 0:
         return
+    assert partials.stride(3) == 1, f"partials strides {partials.stride()}: last must be 1"
     a_rows, ranks = row_tables(a_rows, ranks)
     x = x if x.stride(1) == 1 else x.contiguous()
     grid = (num_tokens, triton.cdiv(max_rank, block_r) * split_k, num_slices)
     _shrink_kernel[grid](
-        x, pool_flat, a_rows, ranks, token_slots, h, x.shape[1], max_rank, x.stride(0),
-        a_rows.stride(0), a_rows.stride(1), ranks.stride(0), h.stride(0), h.stride(1),
-        BLOCK_R=block_r, BLOCK_K=block_k, SPLIT_K=split_k, VEC=vec_width(pool_flat),
-        num_warps=num_warps)
+        x, pool_flat, a_rows, ranks, token_slots, partials, x.shape[1], max_rank, x.stride(0),
+        a_rows.stride(0), a_rows.stride(1), ranks.stride(0), partials.stride(0),
+        partials.stride(1), partials.stride(2), BLOCK_R=block_r, BLOCK_K=block_k,
+        SPLIT_K=split_k, VEC=vec_width(pool_flat), num_warps=num_warps)
+
+
+def shrink_into(h: torch.Tensor, x: torch.Tensor, pool_flat: torch.Tensor, a_rows: torch.Tensor,
+                ranks: torch.Tensor, token_slots: torch.Tensor, split_k: int = 1,
+                block_r: int = 16, block_k: int = 256, num_warps: int = 4) -> None:
+    """Decode shrink of NS slices into h [NS, T, R] fp32 (last dim contiguous), every element
+    written. split_k > 1 sums `shrink_partials_into`'s planes into h: one launch more, which
+    `lora_apply_triton` saves by handing the planes to the expand."""
+    if split_k == 1:
+        shrink_partials_into(h[None], x, pool_flat, a_rows, ranks, token_slots, block_r,
+                             block_k, num_warps)
+        return
+    partials = h.new_empty((split_k, *h.shape))
+    shrink_partials_into(partials, x, pool_flat, a_rows, ranks, token_slots, block_r, block_k,
+                         num_warps)
+    torch.sum(partials, 0, out=h)
+
+
+def lora_shrink_partials_triton(x: torch.Tensor, pool_flat: torch.Tensor, a_rows: torch.Tensor,
+                                ranks: torch.Tensor, token_slots: torch.Tensor,
+                                split_k: int | None = None) -> torch.Tensor:
+    """New split-K partials [SPLIT, NS, T, R] fp32 of the NS-slice shrink (their sum is h);
+    SPLIT is `shrink_split_k`'s choice unless given."""
+    num_slices, max_rank = a_rows.shape[0], a_rows.shape[2]
+    if split_k is None:
+        split_k = shrink_split_k(x.shape[0], num_slices, max_rank, x.shape[1], x.device)
+    partials = torch.empty((split_k, num_slices, x.shape[0], max_rank), dtype=torch.float32,
+                           device=x.device)
+    shrink_partials_into(partials, x, pool_flat, a_rows, ranks, token_slots)
+    return partials
 
 
 def lora_shrink_slices_triton(x: torch.Tensor, pool_flat: torch.Tensor, a_rows: torch.Tensor,
-                              ranks: torch.Tensor, token_slots: torch.Tensor) -> torch.Tensor:
+                              ranks: torch.Tensor, token_slots: torch.Tensor,
+                              split_k: int | None = None) -> torch.Tensor:
     """`lora_shrink_ref` for NS slices at once: a_rows [NS, S, R], ranks [NS, S] → [NS, T, R]."""
-    num_slices, max_rank = a_rows.shape[0], a_rows.shape[2]
-    split = shrink_split_k(x.shape[0], num_slices, max_rank, x.shape[1], x.device)
-    alloc = torch.empty if split == 1 else torch.zeros
-    h = alloc((num_slices, x.shape[0], max_rank), dtype=torch.float32, device=x.device)
-    shrink_into(h, x, pool_flat, a_rows, ranks, token_slots, split_k=split)
-    return h
+    partials = lora_shrink_partials_triton(x, pool_flat, a_rows, ranks, token_slots, split_k)
+    return partials[0] if partials.shape[0] == 1 else partials.sum(0)
 
 
 def lora_shrink_triton(x: torch.Tensor, pool_flat: torch.Tensor, a_rows: torch.Tensor,
-                       ranks: torch.Tensor, token_slots: torch.Tensor) -> torch.Tensor:
-    """Triton twin of `lora_shrink_ref` (same semantics and signature)."""
-    return lora_shrink_slices_triton(x, pool_flat, a_rows[None], ranks[None], token_slots)[0]
+                       ranks: torch.Tensor, token_slots: torch.Tensor,
+                       split_k: int | None = None) -> torch.Tensor:
+    """Triton twin of `lora_shrink_ref` (same semantics and signature; split_k: a test knob)."""
+    return lora_shrink_slices_triton(x, pool_flat, a_rows[None], ranks[None], token_slots,
+                                     split_k)[0]
 
 
 def lora_expand_slices_triton(h: torch.Tensor, pool_flat: torch.Tensor, b_rows: torch.Tensor,
@@ -147,24 +184,27 @@ def lora_expand_slices_triton(h: torch.Tensor, pool_flat: torch.Tensor, b_rows: 
                               block_r: int = 16, num_warps: int = 4) -> None:
     """`lora_expand_ref` for NS slices at once, each adding to its column range of `out`.
 
-    h: [NS, T, R] fp32; b_rows: [NS, S, R]; ranks, scales (and DoRA's g_rows, optional): [NS, S];
+    h: [NS, T, R] fp32, or the shrink's split-K partials [SPLIT, NS, T, R] (summed);
+    b_rows: [NS, S, R]; ranks, scales (and DoRA's g_rows, optional): [NS, S];
     out: [T, sum(slice_sizes)], written in place; with g_rows, out[t] of a DoRA slot is then
     scaled by g (dora_scale_ref fused into the epilogue).
     """
-    num_slices, num_tokens = h.shape[0], h.shape[1]
+    planes = h if h.dim() == 4 else h[None]  # [SPLIT, NS, T, R]
+    num_slices, num_tokens = planes.shape[1], planes.shape[2]
     sizes = padded_slice_sizes(out, slice_sizes, num_slices)
     if num_tokens == 0 or max(sizes) == 0:
         return
     b_rows, ranks = row_tables(b_rows, ranks)
     scales = scales.contiguous()
     g, stride_gn, stride_gs = g_row_args(g_rows, ranks)
-    h = h if h.stride(2) == 1 else h.contiguous()
+    planes = planes if planes.stride(3) == 1 else planes.contiguous()
     grid = (num_tokens, triton.cdiv(max(sizes), block_n), num_slices)
     _expand_kernel[grid](
-        h, pool_flat, b_rows, ranks, scales, token_slots, g, out, *sizes, h.stride(0),
-        h.stride(1), b_rows.stride(0), b_rows.stride(1), ranks.stride(0), stride_gn, stride_gs,
-        out.stride(0), out.stride(1), HAS_G=g_rows is not None, BLOCK_R=block_r,
-        BLOCK_N=block_n, VEC=vec_width(pool_flat), num_warps=num_warps)
+        planes, pool_flat, b_rows, ranks, scales, token_slots, g, out, *sizes, planes.stride(0),
+        planes.stride(1), planes.stride(2), b_rows.stride(0), b_rows.stride(1), ranks.stride(0),
+        stride_gn, stride_gs, out.stride(0), out.stride(1), HAS_G=g_rows is not None,
+        SPLIT=planes.shape[0], BLOCK_R=block_r, BLOCK_N=block_n, VEC=vec_width(pool_flat),
+        num_warps=num_warps)
 
 
 def lora_expand_triton(h: torch.Tensor, pool_flat: torch.Tensor, b_rows: torch.Tensor,

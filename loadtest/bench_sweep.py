@@ -99,17 +99,18 @@ def sweep_lora(dims, dtype, device, bandwidth, check: bool, batch: int = 64) -> 
                 continue
 
             def shrink(p, x, h, out, block_k=block_k, warps=warps, split=split):
-                hh = torch.zeros if split > 1 else torch.empty
-                buf = hh((1, batch, max_rank), dtype=torch.float32, device=device)
-                lt.shrink_into(buf, x, p["pool"], p["a_rows"][None], p["ranks"][None], slots,
-                               split_k=split, block_k=block_k, num_warps=warps)
+                # The split-K planes as `lora_apply` hands them to the expand (which sums them).
+                buf = torch.empty((split, 1, batch, max_rank), dtype=torch.float32,
+                                  device=device)
+                lt.shrink_partials_into(buf, x, p["pool"], p["a_rows"][None], p["ranks"][None],
+                                        slots, block_k=block_k, num_warps=warps)
                 return buf
 
             ms = timed(sets, shrink, device)
             err = None
             if check:
                 p, x, h, _ = sets[0]
-                err = ((shrink(*sets[0])[0] - h).norm() / h.norm()).item()
+                err = ((shrink(*sets[0]).sum(0)[0] - h).norm() / h.norm()).item()
             rows.append(dict(kernel="lora_shrink", module=module, batch=batch, block=block_k,
                              num_warps=warps, split_k=split, ms=ms,
                              of_copy_bw=shrink_bytes / (ms * 1e-3) / bandwidth, rel_err=err))
