@@ -25,7 +25,7 @@ from loraplex.memory.config import MemoryConfig
 from loraplex.model.config import parse_dtype
 from loraplex.model.sampler import SamplingParams, SamplingParamsError
 from loraplex.scheduler.config import SchedulerConfig
-from loraplex.scheduler.engine import Engine, EngineConfig
+from loraplex.scheduler.engine import Engine, EngineConfig, freeze_heap
 from loraplex.scheduler.errors import RequestError, UnknownAdapterError
 from loraplex.scheduler.request import RequestOutput
 
@@ -100,6 +100,7 @@ def warm_up(engine: Engine, names: list[str], max_num_seqs: int, max_batched_tok
                 raise RuntimeError(f"warm-up request failed: {out.error!r}")
     engine.residency.evict_idle(engine.pool.num_pages)
     engine.stats()  # hands out (and so drops) the warm-up's adapter loads
+    freeze_heap()  # as the server does once it has set up
 
 
 # ---- one rate ------------------------------------------------------------------------------

@@ -53,9 +53,12 @@ class PageTable:
         pool.free(self.pages)
         self.pages = []
 
+    def slot_list(self, layout: KVLayout, start: int, end: int) -> list[int]:
+        """Flat `page * page_size + offset` of tokens start..end: where their K/V are written
+        (a list: the scheduler builds a step's tensors once, not per sequence)."""
+        p, pages = layout.page_size, self.pages
+        return [pages[i // p] * p + i % p for i in range(start, end)]
+
     def slots(self, layout: KVLayout, start: int, end: int) -> torch.Tensor:
-        """[end - start] int64 flat `page * page_size + offset`: where tokens' K/V are written."""
-        p = layout.page_size
-        index = torch.arange(start, end)
-        pages = torch.tensor(self.pages, dtype=torch.int64)
-        return pages[index // p] * p + index % p
+        """`slot_list` as an [end - start] int64 tensor."""
+        return torch.tensor(self.slot_list(layout, start, end), dtype=torch.int64)

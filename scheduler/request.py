@@ -79,10 +79,14 @@ class Sequence:
         return self.num_tokens - self.num_computed_tokens
 
     def token_ids(self, start: int, end: int) -> list[int]:
+        """Tokens start..end of prompt + output (copies only those: decode asks for one)."""
         prompt = self.request.prompt_ids
-        if end <= len(prompt):
+        p = len(prompt)
+        if end <= p:
             return list(prompt[start:end])
-        return (list(prompt) + self.output_ids)[start:end]
+        if start >= p:
+            return self.output_ids[start - p:end - p]
+        return list(prompt[start:]) + self.output_ids[:end - p]
 
     def __repr__(self) -> str:
         return (f"Sequence({self.seq_id}, {self.status.value}, "

@@ -348,20 +348,27 @@ class Scheduler:
             seq.adapter_slot = -1
 
     def _build_batch(self, scheduled: list[tuple[Sequence, int]]) -> Batch:
+        """The step's tensors, built from Python lists once (not per sequence: at hundreds of
+        sequences per step, per-sequence tensor ops cost milliseconds of host time)."""
         layout = self.kv_layout
         input_ids: list[int] = []
-        positions, slot_mapping, lora_slots, shira_slots = [], [], [], []
+        positions: list[int] = []
+        slot_mapping: list[int] = []
+        lora_slots: list[int] = []
+        shira_slots: list[int] = []
         starts, context_lens, logits_indices, sample_ids = [0], [], [], []
         has_lora = has_shira = has_dora = False
         targets: set[str] = set()
         max_pages = max(len(s.page_table.pages) for s, _ in scheduled)
-        block_tables = torch.zeros(len(scheduled), max_pages, dtype=torch.int32)
-        for b, (seq, n) in enumerate(scheduled):
+        table: list[int] = []  # [B * max_pages], rows padded with 0
+        for seq, n in scheduled:
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
             input_ids += seq.token_ids(start, end)
-            positions.append(torch.arange(start, end))
-            slot_mapping.append(seq.page_table.slots(layout, start, end))
-            block_tables[b, : len(seq.page_table.pages)] = torch.tensor(seq.page_table.pages)
+            positions += range(start, end)
+            slot_mapping += seq.page_table.slot_list(layout, start, end)
+            pages = seq.page_table.pages
+            table += pages
+            table += [0] * (max_pages - len(pages))
             context_lens.append(end)
             starts.append(starts[-1] + n)
             if end == seq.num_tokens:
@@ -369,21 +376,22 @@ class Scheduler:
                 sample_ids.append(seq.seq_id)
             kind = seq.request.adapter.kind if seq.request.adapter else None
             targets.update(seq.request.adapter.target_modules if kind else ())
-            has_lora |= kind in ("lora", "dora")
+            is_lora = kind in ("lora", "dora")
+            has_lora |= is_lora
             has_dora |= kind == "dora"
             has_shira |= kind == "shira"
-            lora_slots.append((n, seq.adapter_slot if kind in ("lora", "dora") else -1))
-            shira_slots.append((n, seq.adapter_slot if kind == "shira" else -1))
+            lora_slots += [seq.adapter_slot if is_lora else -1] * n
+            shira_slots += [seq.adapter_slot if kind == "shira" else -1] * n
 
-        def per_token(pairs: list[tuple[int, int]]) -> torch.Tensor:
-            counts = torch.tensor([c for c, _ in pairs])
-            return torch.tensor([s for _, s in pairs], dtype=torch.int64).repeat_interleave(counts)
+        def per_token(slots: list[int]) -> torch.Tensor:
+            return torch.tensor(slots, dtype=torch.int64)
 
+        block_tables = torch.tensor(table, dtype=torch.int32).view(len(scheduled), max_pages)
         return Batch(
             seq_ids=[s.seq_id for s, _ in scheduled],
             input_ids=torch.tensor(input_ids, dtype=torch.int64),
-            positions=torch.cat(positions),
-            slot_mapping=torch.cat(slot_mapping),
+            positions=torch.tensor(positions, dtype=torch.int64),
+            slot_mapping=torch.tensor(slot_mapping, dtype=torch.int64),
             block_tables=block_tables,
             context_lens=torch.tensor(context_lens, dtype=torch.int32),
             query_start_loc=torch.tensor(starts, dtype=torch.int32),

@@ -135,7 +135,7 @@ def _demo_name(config: "ServeConfig") -> "ServeConfig":
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from loraplex.scheduler.engine import Engine
+    from loraplex.scheduler.engine import Engine, freeze_heap
     from loraplex.server.app import create_app
 
     config = _demo_name(serve_config(args))
@@ -143,6 +143,7 @@ def serve(args: argparse.Namespace) -> int:
     engine = Engine(config.engine)
     app = create_app(engine, config)
     state = app.state.loraplex
+    freeze_heap()  # the process's one engine: its set-up leaves the collector's scans
 
     class DrainingServer(uvicorn.Server):
         @contextlib.contextmanager
@@ -177,12 +178,13 @@ def serve(args: argparse.Namespace) -> int:
 
 def generate(args: argparse.Namespace) -> int:
     from loraplex.model.sampler import SamplingParams
-    from loraplex.scheduler.engine import Engine
+    from loraplex.scheduler.engine import Engine, freeze_heap
 
     setup_logging()
     engine = Engine(engine_config(args))
     for name, path in args.adapter:
         engine.add_adapter(name, path)
+    freeze_heap()
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             seed=args.seed)
     prompts = [p if args.raw else engine.tokenizer.apply_chat_template(
