@@ -291,12 +291,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes (runs on CPU)")
     parser.add_argument("--out", type=Path, default=None, help="folder for kernels.json/.md")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--skip", default="", help="comma list of: lora,prefill,attention,step")
+    parser.add_argument("--skip", default="",
+                        help="comma list of: lora,prefill,attention,fused,step")
     parser.add_argument("--no-ref", action="store_true", help="do not time the references")
     parser.add_argument("--parity", action="store_true",
                         help="only the whole-model parity check (Triton vs references)")
     args = parser.parse_args(argv)
     # Here, not at the top: bench_step imports Dims and the timers from this module.
+    from loraplex.loadtest.bench_fused import bench_fused
     from loraplex.loadtest.bench_step import bench_decode_step, parity_check
 
     device = torch.device(args.device)
@@ -321,6 +323,7 @@ def main(argv: list[str] | None = None) -> None:
              ("prefill", lambda: bench_lora_prefill(dims, dtype, device, not args.no_ref)),
              ("attention", lambda: bench_attention(dims, dtype, device, bandwidth,
                                                    not args.no_ref)),
+             ("fused", lambda: bench_fused(dims, dtype, device, bandwidth, not args.no_ref)),
              ("step", lambda: bench_decode_step(dims, dtype, device, bandwidth,
                                                 batch=max(dims.batches[:4]))))
     for name, run in parts:
