@@ -99,8 +99,6 @@ def warm_up(engine: Engine, names: list[str], max_num_seqs: int, max_batched_tok
             if out.error is not None:
                 raise RuntimeError(f"warm-up request failed: {out.error!r}")
     engine.residency.evict_idle(engine.pool.num_pages)
-    engine.stats()  # hands out (and so drops) the warm-up's adapter loads
-    freeze_heap()  # as the server does once it has set up
 
 
 # ---- one rate ------------------------------------------------------------------------------
@@ -111,7 +109,9 @@ def _track(peaks: dict, engine: Engine) -> tuple[int, int]:
     peaks["max_running"] = max(peaks["max_running"], st.num_running)
     peaks["max_waiting"] = max(peaks["max_waiting"], st.num_waiting)
     peaks["max_kv_usage"] = max(peaks["max_kv_usage"], st.kv_usage)
-    peaks["fetch_s"] += sum(load.seconds for load in st.adapter_loads)  # the step waited
+    peaks["fetch_s"] += sum(load.seconds for load in st.adapter_loads  # the step waited
+                            if load.number > peaks["last_load"])
+    peaks["last_load"] = st.num_adapter_loads
     return st.num_running, st.num_waiting
 
 
@@ -152,6 +152,7 @@ def replay(engine: Engine, trace: list[TraceRequest], label: str, cut_s: float,
     queue, open_ids = deque(sorted(trace, key=lambda r: r.arrival_s)), {}
     peaks = dict.fromkeys(("num_steps", "max_running", "max_waiting", "max_kv_usage",
                            "fetch_s"), 0)
+    peaks["last_load"] = engine.stats().num_adapter_loads  # loads before this rate: not its own
     t0, next_log = time.monotonic(), progress_s
     while (queue or open_ids) and (now := time.monotonic() - t0) < cut_s:
         while queue and queue[0].arrival_s <= now:
@@ -180,6 +181,7 @@ def replay(engine: Engine, trace: list[TraceRequest], label: str, cut_s: float,
         res.error, res.end_s = f"unfinished: cut after {cut_s:.0f} s", None
     for req in queue:
         results[req.index].error = f"unfinished: never sent (cut after {cut_s:.0f} s)"
+    peaks.pop("last_load")
     return [results[i] for i in sorted(results)], peaks
 
 
@@ -325,8 +327,9 @@ def _timed(timings: dict, name: str, fn: Callable[[], object]) -> object:
     return value
 
 
-def setup(args: argparse.Namespace, timings: dict) -> Engine:
-    """Model and adapters on disk (reused when there), the engine, registration, warm-up."""
+def setup(args: argparse.Namespace, timings: dict, freeze: bool = False) -> Engine:
+    """Model and adapters on disk (reused when there), the engine, registration, warm-up;
+    with `freeze`, then `freeze_heap()` as `loraplex serve` does (a process of one engine)."""
     shape = model_shape(args.tiny, args.num_layers)
     dtype, gen = parse_dtype(args.dtype), torch.Generator(args.device).manual_seed(args.seed)
     key = "-".join(str(v) for v in (*shape.values(), args.dtype, args.seed))
@@ -339,14 +342,16 @@ def setup(args: argparse.Namespace, timings: dict) -> Engine:
     _timed(timings, "register_s", lambda: register_adapters(engine, adapters, args.threads))
     _timed(timings, "warm_up_s", lambda: warm_up(engine, list(adapters), args.max_num_seqs,
                                                  args.max_batched_tokens))
+    if freeze:
+        freeze_heap()
     return engine
 
 
-def run(args: argparse.Namespace) -> tuple[dict, Engine]:
+def run(args: argparse.Namespace, freeze: bool = False) -> tuple[dict, Engine]:
     """Setup, then the rates in order until attainment < slo_target or the time budget ends;
     the outputs are rewritten after each rate. (summary.json's content, the closed engine)"""
     deadline, timings = time.monotonic() + args.time_budget, {}
-    engine = setup(args, timings)
+    engine = setup(args, timings, freeze)
     slo = LatencySLO(e2e_s=args.slo_e2e, ttft_s=args.slo_ttft, tpot_s=args.slo_tpot)
     (meta, notes), rows, runs = _meta(args, engine, timings), [], {}
     for k, rate in enumerate(args.rates):
@@ -380,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.tiny and args.device == "cpu":
         torch.set_num_threads(1)  # tiny matrices: more threads only fight over the cores
-    summary, _ = run(args)
+    summary, _ = run(args, freeze=True)
     sys.stdout.write((args.out / "report.md").read_text())
     logger.info("stopped: %s; results in %s", summary["stop_reason"] or "all rates ran",
                 args.out)

@@ -11,6 +11,7 @@ import itertools
 import logging
 import re
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +49,7 @@ from loraplex.scheduler.request import (
     check_prompt_ids,
 )
 from loraplex.scheduler.scheduler import Scheduler
-from loraplex.scheduler.stats import AdapterLoad, EngineStats, snapshot
+from loraplex.scheduler.stats import ADAPTER_LOAD_LOG, AdapterLoad, EngineStats, snapshot
 from loraplex.scheduler.text import TextState
 
 logger = logging.getLogger(__name__)
@@ -112,7 +113,8 @@ class Engine:
                                    host_cache=self.host_cache, prefetcher=self.prefetcher,
                                    device_prefetch=config.memory.device_prefetch)
         self._tenant_deadlines: dict[str, float] = {}
-        self._adapter_loads: list[AdapterLoad] = []
+        self._adapter_loads: deque[AdapterLoad] = deque(maxlen=ADAPTER_LOAD_LOG)
+        self._num_adapter_loads = 0
         page_size = config.memory.page_size
         self.runner = ModelRunner(self.model, self.kv_layout, cuda_graphs=config.cuda_graphs,
                                   max_batch=config.scheduler.max_num_seqs,
@@ -162,7 +164,9 @@ class Engine:
         """The residency's loader: host cache first, disk on a miss (timed for metrics)."""
         t0 = time.perf_counter()
         weights, source = self.host_cache.get_with_source(record)
-        self._adapter_loads.append(AdapterLoad(record.name, source, time.perf_counter() - t0))
+        self._num_adapter_loads += 1
+        self._adapter_loads.append(AdapterLoad(record.name, source, time.perf_counter() - t0,
+                                               self._num_adapter_loads))
         return weights
 
     def prepare_adapter(self, name: str, path: str | Path) -> PreparedAdapter:
@@ -317,10 +321,9 @@ class Engine:
         return self.scheduler.has_unfinished()
 
     def stats(self) -> EngineStats:
-        """A snapshot for metrics; adapter loads are handed out once."""
-        loads, self._adapter_loads = tuple(self._adapter_loads), []
+        """A snapshot for metrics (reading it changes nothing; recent adapter loads numbered)."""
         return snapshot(self.scheduler, self.pool, self.host_cache, self.residency,
-                        len(self.adapters), loads)
+                        len(self.adapters), tuple(self._adapter_loads))
 
     # ---- the step ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

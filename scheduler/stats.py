@@ -12,6 +12,10 @@ if TYPE_CHECKING:
     from loraplex.scheduler.scheduler import Scheduler
 
 
+ADAPTER_LOAD_LOG = 4096
+"""Recent adapter loads an engine keeps for its snapshots (metrics read after every step)."""
+
+
 @dataclass(frozen=True, slots=True)
 class AdapterLoad:
     """One adapter brought into the pool: from where and how long that took."""
@@ -22,6 +26,8 @@ class AdapterLoad:
     prefetch worker) or `host` (already parsed in RAM from an earlier use)."""
     seconds: float
     """Time the engine thread spent (a prefetched read cost the step nothing)."""
+    number: int = 0
+    """Its place among the engine's loads, from 1 (a reader folds in those past the last it saw)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +55,8 @@ class EngineStats:
     device_adapter_loads: int
     device_adapter_evictions: int
     adapter_loads: tuple[AdapterLoad, ...]
-    """Loads since the previous snapshot (each reported once)."""
+    """The most recent loads, oldest first (`ADAPTER_LOAD_LOG` at most), numbered: a reader
+    folds in those numbered past the last it saw (snapshots have no side effects)."""
     num_early_aborts: int = 0
     """Waiting requests aborted because they could no longer meet their deadline (cumulative)."""
     host_cache_capacity_bytes: int = 0
@@ -68,6 +75,8 @@ class EngineStats:
     """Admissions that found their adapter resident thanks to a prefetch (cumulative)."""
     device_prefetches_unused: int = 0
     """Prefetched adapters evicted before any request used them (cumulative; wasted copies)."""
+    num_adapter_loads: int = 0
+    """Loads so far (the number of the latest)."""
     resident_adapter_admissions: int = 0
     """Admissions that found their adapter already resident, prefetched or left from an earlier
     use: no load in their step (cumulative)."""
@@ -101,6 +110,7 @@ def snapshot(scheduler: Scheduler, pool: PagePool, host_cache: HostCache,
         host_cache_evictions=hc.num_evictions, host_cache_bytes=hc.num_bytes,
         device_adapter_loads=res.num_loads, device_adapter_evictions=res.num_evictions,
         adapter_loads=adapter_loads, num_early_aborts=scheduler.num_early_aborts,
+        num_adapter_loads=adapter_loads[-1].number if adapter_loads else 0,
         host_cache_capacity_bytes=hc.capacity_bytes, host_prefetches=hc.num_prefetches,
         num_host_cached_adapters=hc.num_entries, host_blocking_reads=hc.num_blocking_reads,
         device_prefetches=res.num_prefetches, device_prefetch_hits=res.num_prefetch_hits,

@@ -59,6 +59,7 @@ class Metrics:
         self.max_adapter_labels = max_adapter_labels
         self.registry = CollectorRegistry()
         self._lock = threading.Lock()
+        self._last_load_number = 0  # of the adapter loads folded in (see `update`)
         self._last: dict[str, int] = {}
         self._adapter_labels: set[str] = set()
         self._request_adapters: set[str] = set()
@@ -224,7 +225,12 @@ class Metrics:
             self._update_counters(stats)
             self._update_adapter_running(stats.running_per_adapter)
             self._update_lora_info(stats)
-        for load in stats.adapter_loads:
+            if stats.num_adapter_loads < self._last_load_number:  # a new engine: from 1 again
+                self._last_load_number = 0
+            new_loads = [load for load in stats.adapter_loads
+                         if load.number > self._last_load_number]
+            self._last_load_number = max(self._last_load_number, stats.num_adapter_loads)
+        for load in new_loads:  # each once, however many snapshots show it
             self.adapter_loads.labels(load.source).inc()
             self.adapter_load_seconds.labels(load.source).observe(load.seconds)
 

@@ -197,3 +197,17 @@ def test_host_tier_stays_in_bounds_under_two_threads():
     watcher.join()
     assert not over
     assert cache.num_bytes == sum(r.num_bytes for r in recs if r in cache) <= 5 * recs[0].num_bytes
+
+
+def test_stats_snapshots_have_no_side_effects(setup) -> None:
+    """Two readers of `Engine.stats()` see the same numbered loads; nothing is handed out."""
+    model_dir, dirs, _ = setup
+    engine = make_engine(model_dir, prefetch=False)
+    for name, path in dirs.items():
+        engine.add_adapter(name, path)
+    engine.generate([PROMPT] * 2, greedy(2), ["a1", "a2"])
+    first, second = engine.stats(), engine.stats()
+    assert first.adapter_loads == second.adapter_loads
+    assert [load.number for load in first.adapter_loads] == list(
+        range(1, first.num_adapter_loads + 1))
+    assert {load.adapter for load in first.adapter_loads} == {"a1", "a2"}

@@ -240,17 +240,23 @@ def test_counters_are_monotonic_and_equal_the_engine_counts(dirs: Dirs) -> None:
 def test_a_new_engine_does_not_make_counters_go_back(dirs: Dirs) -> None:
     model_dir, adapter_dirs = dirs
     metrics = Metrics("m")
-    totals = []
-    for _ in range(2):  # a restarted engine counts from zero again
+    totals, load_totals = [], []
+    for _ in range(2):  # a restarted engine counts from zero again (adapter loads from 1)
         engine = tight_engine(model_dir)
         register(engine, adapter_dirs)
         drive(engine, metrics, [f"a{i}" for i in range(NUM_ADAPTERS)], 4)
         s = parse(metrics)
         totals.append(value(s, "loraplex_adapter_cache_misses_total", tier="device"))
+        loads = value(s, "loraplex_adapter_loads_total", source="disk") + value(
+            s, "loraplex_adapter_loads_total", source="host")
         metrics.update(engine.stats())  # a repeated snapshot adds nothing
-        assert value(parse(metrics), "loraplex_adapter_cache_misses_total",
-                     tier="device") == totals[-1]
+        again = parse(metrics)
+        assert value(again, "loraplex_adapter_cache_misses_total", tier="device") == totals[-1]
+        assert value(again, "loraplex_adapter_loads_total", source="disk") + value(
+            again, "loraplex_adapter_loads_total", source="host") == loads
+        load_totals.append(loads)
     assert totals[1] == 2 * totals[0] > 0
+    assert load_totals[1] == 2 * load_totals[0] > 0
 
 
 def test_http_aborts_and_isolation() -> None:
