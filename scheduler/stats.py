@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from loraplex.scheduler.scheduler import Scheduler
 
 
-ADAPTER_LOAD_LOG = 4096
+ADAPTER_LOAD_LOG = 1024
 """Recent adapter loads an engine keeps for its snapshots (metrics read after every step)."""
 
 

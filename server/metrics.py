@@ -227,8 +227,9 @@ class Metrics:
             self._update_lora_info(stats)
             if stats.num_adapter_loads < self._last_load_number:  # a new engine: from 1 again
                 self._last_load_number = 0
-            new_loads = [load for load in stats.adapter_loads
-                         if load.number > self._last_load_number]
+            loads = stats.adapter_loads  # numbered consecutively, oldest first
+            num_new = min(len(loads), stats.num_adapter_loads - self._last_load_number)
+            new_loads = loads[len(loads) - num_new:] if num_new > 0 else ()
             self._last_load_number = max(self._last_load_number, stats.num_adapter_loads)
         for load in new_loads:  # each once, however many snapshots show it
             self.adapter_loads.labels(load.source).inc()
