@@ -142,9 +142,9 @@ class Sampler:
         logits = logits.float()
         n = logits.shape[0]
         device = logits.device
-        greedy = torch.tensor([p.is_greedy for p in params], device=device)
         token_ids = logits.argmax(dim=-1)
-        if not bool(greedy.all()):
+        if not all(p.is_greedy for p in params):  # decided on the host: no device sync
+            greedy = torch.tensor([p.is_greedy for p in params], device=device)
             temps = torch.tensor([p.temperature if not p.is_greedy else 1.0 for p in params],
                                  device=device)
             scaled = logits / temps[:, None]
