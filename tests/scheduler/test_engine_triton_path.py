@@ -24,9 +24,10 @@ SELECTION = [
     "tests/scheduler/test_engine_parity.py", "tests/scheduler/test_shira_fusion.py",
     "tests/scheduler/test_engine_batching.py::test_mixed_batch_equals_peft_generate",
     "tests/scheduler/test_step_graph_padding.py",
-    "-k", "llama or (qwen3 and (dora or shira)) or fusion or mixed_batch or padded",
+    "-k", "llama or (qwen3 and (dora or shira)) or fusion or mixed_batch or padded "
+          "or modules_the_batch",
 ]
-EXPECTED = 8 + 2 + 4 + 1 + 1  # llama × every case, qwen3 DoRA/SHiRA, fusion, mixed, padded
+EXPECTED = 8 + 2 + 4 + 1 + 2  # llama × every case, qwen3 DoRA/SHiRA, fusion, mixed, graph path
 
 
 def test_engine_parity_on_the_triton_path_under_the_interpreter() -> None:
