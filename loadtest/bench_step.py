@@ -60,6 +60,8 @@ def bench_decode_step(dims: Dims, dtype: torch.dtype, device: torch.device, band
                                                    flat, num_kv_pages * page_numel, gen)
             ctx = decode_context(config, pool, tables, batch, dims.context, page_size,
                                  num_adapters, device)
+            if num_adapters:  # LoRA launches for the targeted projections only, as the engine
+                ctx.adapter_modules = frozenset(TARGETS.index(m) for m in targets)
             ids = torch.randint(0, dims.vocab, (batch,), device=device)
             logits_indices = torch.arange(batch, device=device)
             ms = time_ms(lambda: model.forward(ids, ctx, logits_indices), device)
