@@ -16,7 +16,8 @@ the first step of each key runs eagerly on those buffers (which compiles and war
 and is that step's result), then is captured. LoRA/DoRA graphs read the residency's row tables
 in place (updated in place, never replaced), and launch only the projections that some adapter
 of the batch targets (a graph per such set of modules, for the first `MAX_MODULE_SETS` sets;
-later sets run every projection); steps with SHiRA tokens run eagerly.
+later sets run every projection); SHiRA tokens gather through a static slot buffer of their own
+(a graph per mix: LoRA, SHiRA, both).
 Imports `model.config` and `model.models.llama` only.
 """
 
@@ -61,7 +62,8 @@ class _Captured:
     tables: object | None  # the row tables captured (their tensors must stay the same)
 
 
-GraphKey = tuple[str, int, bool, frozenset[int] | None]  # kind, size, LoRA, modules (None: all)
+GraphKey = tuple[str, int, bool, frozenset[int] | None, bool]
+"""kind, size, LoRA tokens, adapter-targeted modules (None: all), SHiRA tokens."""
 
 
 class StepGraphs:
@@ -82,6 +84,7 @@ class StepGraphs:
         self.positions = torch.zeros(n, dtype=torch.int64, device=dev)
         self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=dev)
         self.token_slots = torch.full((n,), -1, dtype=torch.int64, device=dev)
+        self.shira_slots = torch.full((n,), -1, dtype=torch.int64, device=dev)
         self.block_tables = torch.zeros(b, max_pages, dtype=torch.int32, device=dev)
         self.context_lens = torch.zeros(b, dtype=torch.int32, device=dev)
         self.query_start_loc = torch.arange(b + 1, dtype=torch.int32, device=dev)
@@ -95,7 +98,8 @@ class StepGraphs:
         self.capture = capture
         self._mempool = torch.cuda.graph_pool_handle() if capture else None
         self._pool_ptr: int | None = None
-        self.num_steps = {"decode": 0, "mixed": 0}  # steps run here (replayed or not)
+        self.num_steps = {"decode": 0, "mixed": 0, "shira": 0}  # steps run here (replayed or
+        # not), by kind, and those with SHiRA tokens
 
     @staticmethod
     def _fit(n: int, sizes: tuple[int, ...]) -> int | None:
@@ -103,7 +107,7 @@ class StepGraphs:
 
     def run(self, batch: "Batch", kv_caches: list, pool_flat: torch.Tensor) -> torch.Tensor | None:
         """Logits [len(batch.logits_indices), vocab] through a graph; None: run it eagerly."""
-        if batch.shira_token_slots is not None or batch.block_tables.shape[1] > self.max_pages:
+        if batch.block_tables.shape[1] > self.max_pages:
             return None
         decode = is_decode_only(batch)
         size = self._fit(len(batch.seq_ids), self.buckets) if decode \
@@ -114,19 +118,22 @@ class StepGraphs:
         if self._pool_ptr != pool_flat.data_ptr():  # a new pool: every graph read the old one
             self._graphs.clear()
             self._pool_ptr = pool_flat.data_ptr()
-        tables = batch.adapter_tables if batch.lora_token_slots is not None else None
+        lora = batch.lora_token_slots is not None
+        shira = batch.shira_token_slots is not None
+        tables = batch.adapter_tables if lora or shira else None
         if decode:
             self._fill_decode(batch, size)
         else:
             self._fill_mixed(batch, size)
         modules = self._modules(batch) if tables is not None else None
-        key = ("decode" if decode else "mixed", size, tables is not None, modules)
+        key = ("decode" if decode else "mixed", size, lora, modules, shira)
         self.num_steps[key[0]] += 1
+        self.num_steps["shira"] += shira
         captured = self._graphs.get(key)
         if captured is not None and captured.tables is tables:
             captured.graph.replay()
             return captured.logits[:num_rows].clone()
-        ctx, rows = self._context(decode, size, kv_caches, pool_flat, tables)
+        ctx, rows = self._context(decode, size, kv_caches, pool_flat, tables, lora, shira)
         ctx.adapter_modules = modules
         logits = self.model.forward(self.input_ids[:size], ctx, rows)
         if self.capture:
@@ -158,6 +165,8 @@ class StepGraphs:
         put(self.context_lens, batch.context_lens, num_seqs, 0)  # pads attend to nothing
         if batch.lora_token_slots is not None:
             put(self.token_slots, batch.lora_token_slots, num_tokens, -1)
+        if batch.shira_token_slots is not None:
+            put(self.shira_slots, batch.shira_token_slots, num_tokens, -1)
         width = batch.block_tables.shape[1]
         self.block_tables[:num_seqs].zero_()
         self.block_tables[:len(batch.seq_ids), :width].copy_(
@@ -179,7 +188,8 @@ class StepGraphs:
             self._put(self.seg_slots, batch.lora_sequence_slots(), self.num_seqs, -1)
 
     def _context(self, decode: bool, size: int, kv_caches: list, pool_flat: torch.Tensor,
-                 tables: object | None) -> tuple[ForwardContext, torch.Tensor]:
+                 tables: object | None, lora: bool,
+                 shira: bool) -> tuple[ForwardContext, torch.Tensor]:
         """The forward's context on the static buffers, and the logits rows to compute."""
         num_seqs = size if decode else self.num_seqs
         starts = self.decode_starts if decode else self.query_start_loc
@@ -193,13 +203,13 @@ class StepGraphs:
             kv_caches=kv_caches,
             pool_flat=pool_flat,
             tables=tables,
-            lora_token_slots=None if tables is None else self.token_slots[:size],
-            shira_token_slots=None,
+            lora_token_slots=self.token_slots[:size] if lora else None,
+            shira_token_slots=self.shira_slots[:size] if shira else None,
             # DoRA's g always rides in the expand epilogue (-1 rows: not DoRA), so one graph
             # serves batches with and without DoRA adapters.
-            has_dora=tables is not None,
+            has_dora=lora,
         )
-        if not decode and tables is not None:
+        if not decode and lora:
             ctx.lora_seg_starts = ctx.query_start_loc
             ctx.lora_seg_slots = self.seg_slots
         return ctx, rows
@@ -226,8 +236,8 @@ class StepGraphs:
 
 
 def _adapters_note(key: GraphKey) -> str:
-    if not key[2]:
+    kinds = [name for name, on in (("LoRA", key[2]), ("SHiRA", key[4])) if on]
+    if not kinds:
         return ""
-    if key[3] is None:
-        return " with adapters"
-    return " with adapters on " + ",".join(TARGET_MODULES[m] for m in sorted(key[3]))
+    where = "" if key[3] is None else " on " + ",".join(TARGET_MODULES[m] for m in sorted(key[3]))
+    return f" with {'+'.join(kinds)} adapters{where}"

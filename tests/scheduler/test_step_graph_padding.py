@@ -33,14 +33,15 @@ def test_padded_steps_give_peft_tokens(tiny_model_dir, adapter_dirs, expected): 
     engine = make_engine(tiny_model_dir(ARCH)[1], max_num_seqs=12, max_batched_tokens=96)
     graphs = static_graphs(engine, 96)
     register(engine, adapter_dirs)
-    # More than 12 requests: late ones join while others decode (mixed steps). A step with a
-    # SHiRA token runs eagerly, so they are left out here (they have their own tests).
-    requests = [(p, a) for p, a in workload(24) if a != "shira4"]
+    # More than 12 requests: late ones join while others decode (mixed steps); SHiRA tokens
+    # among them gather through the graphs' own slot buffer (unfused: the batch is mixed).
+    requests = workload(24)
+    assert any(a == "shira4" for _, a in requests)
     outs = engine.generate([p for p, _ in requests], greedy(), [a for _, a in requests])
     for (p, a), out in zip(requests, outs):
         assert out.token_ids == expected(a, p), f"adapter {a}, prompt of {len(p)}"
-    # Both kinds of step ran padded (SHiRA steps, unless fused, stay eager).
-    assert graphs.num_steps["decode"] > 0 and graphs.num_steps["mixed"] > 0, graphs.num_steps
+    # Both kinds of step ran padded, SHiRA tokens in some of them.
+    assert min(graphs.num_steps.values()) > 0, graphs.num_steps
     assert_pool_clean(engine)
 
 
