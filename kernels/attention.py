@@ -121,7 +121,8 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
           "k_cache and v_cache differ in shape or dtype")
     check_tensor("k", k, 3, k_cache.dtype)
     check(v.shape == k.shape and v.dtype == k.dtype, "k and v differ in shape or dtype")
-    check(k.shape[1:] == k_cache.shape[2:], f"k {tuple(k.shape)} vs cache {tuple(k_cache.shape)}")
+    check(k.shape[1:] == k_cache.shape[2:],
+          lambda: f"k {tuple(k.shape)} vs cache {tuple(k_cache.shape)}")
     check_tensor("slot_mapping", slot_mapping, 1, INDEX_DTYPES)
     check(slot_mapping.shape[0] == k.shape[0], "slot_mapping and k disagree on tokens")
     check_same_device(k_cache=k_cache, k=k, slot_mapping=slot_mapping)
@@ -137,9 +138,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     check_tensor("q", q, 3, k_cache.dtype)
     check_tensor("k_cache", k_cache, 4)
     check(v_cache.shape == k_cache.shape, "k_cache and v_cache differ in shape")
-    check(q.shape[2] == k_cache.shape[3], f"head_dim: q {q.shape[2]} vs cache {k_cache.shape[3]}")
+    check(q.shape[2] == k_cache.shape[3],
+          lambda: f"head_dim: q {q.shape[2]} vs cache {k_cache.shape[3]}")
     check(q.shape[1] % k_cache.shape[2] == 0,
-          f"{q.shape[1]} query heads not a multiple of {k_cache.shape[2]} kv heads")
+          lambda: f"{q.shape[1]} query heads not a multiple of {k_cache.shape[2]} kv heads")
     check_tensor("block_tables", block_tables, 2, INDEX_DTYPES)
     check_tensor("context_lens", context_lens, 1, INDEX_DTYPES)
     check_tensor("query_start_loc", query_start_loc, 1, INDEX_DTYPES)

@@ -69,27 +69,30 @@ def pick(ref: Callable, device: torch.device | str) -> Callable:
     return ref
 
 
-def check(condition: bool, message: str) -> None:
-    """Raise `KernelArgumentError(message)` unless `condition` (kept under `python -O`)."""
+def check(condition: bool, message: str | Callable[[], str]) -> None:
+    """Raise `KernelArgumentError(message)` unless `condition` (kept under `python -O`).
+
+    A message that formats values comes as a lambda: the checks run for every layer of an
+    eager step, and only a failing one should pay for the formatting."""
     if not condition:
-        raise KernelArgumentError(message)
+        raise KernelArgumentError(message() if callable(message) else message)
 
 
 def check_tensor(name: str, t: torch.Tensor, ndim: int,
                  dtypes: tuple[torch.dtype, ...] | torch.dtype | None = None) -> None:
     """`t` has `ndim` dimensions and one of `dtypes` (None: any)."""
-    check(isinstance(t, torch.Tensor), f"{name}: expected a tensor, got {type(t).__name__}")
-    check(t.dim() == ndim, f"{name}: expected {ndim}-D, got shape {tuple(t.shape)}")
+    check(isinstance(t, torch.Tensor), lambda: f"{name}: expected a tensor, got {type(t).__name__}")
+    check(t.dim() == ndim, lambda: f"{name}: expected {ndim}-D, got shape {tuple(t.shape)}")
     if isinstance(dtypes, torch.dtype):
         dtypes = (dtypes,)
     if dtypes is not None:
-        check(t.dtype in dtypes, f"{name}: dtype {t.dtype} not in {dtypes}")
+        check(t.dtype in dtypes, lambda: f"{name}: dtype {t.dtype} not in {dtypes}")
 
 
 def check_same_device(**tensors: torch.Tensor) -> None:
     """All tensors live on one device."""
     devices = {name: t.device for name, t in tensors.items()}
-    check(len(set(devices.values())) <= 1, f"tensors on different devices: {devices}")
+    check(len(set(devices.values())) <= 1, lambda: f"tensors on different devices: {devices}")
 
 
 _STEP_MEMO: ContextVar[dict | None] = ContextVar("loraplex_step_memo", default=None)

@@ -68,15 +68,16 @@ def silu_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
 
 def _check_norm_weight(weight: torch.Tensor, x: torch.Tensor) -> None:
     check_tensor("weight", weight, 1, FLOAT_DTYPES)
-    check(weight.shape[0] == x.shape[-1], f"weight [{weight.shape[0]}] vs x {tuple(x.shape)}")
+    check(weight.shape[0] == x.shape[-1],
+          lambda: f"weight [{weight.shape[0]}] vs x {tuple(x.shape)}")
     check_same_device(x=x, weight=weight)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Checked entry point of `rms_norm_ref` (same semantics)."""
     check(isinstance(x, torch.Tensor) and x.dim() in (2, 3),
-          f"x: expected [T, C] or [T, H, C], got {getattr(x, 'shape', type(x).__name__)}")
-    check(x.dtype in FLOAT_DTYPES, f"x: dtype {x.dtype} not in {FLOAT_DTYPES}")
+          lambda: f"x: expected [T, C] or [T, H, C], got {getattr(x, 'shape', type(x).__name__)}")
+    check(x.dtype in FLOAT_DTYPES, lambda: f"x: dtype {x.dtype} not in {FLOAT_DTYPES}")
     _check_norm_weight(weight, x)
     if x.numel() == 0:
         return rms_norm_ref(x, weight, eps)
@@ -88,7 +89,7 @@ def add_rms_norm(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
     """Checked entry point of `add_rms_norm_ref` (same semantics)."""
     check_tensor("h", h, 2, FLOAT_DTYPES)
     check_tensor("delta", delta, 2, h.dtype)
-    check(delta.shape == h.shape, f"delta {tuple(delta.shape)} vs h {tuple(h.shape)}")
+    check(delta.shape == h.shape, lambda: f"delta {tuple(delta.shape)} vs h {tuple(h.shape)}")
     check_same_device(h=h, delta=delta)
     _check_norm_weight(weight, h)
     if h.numel() == 0:
@@ -103,11 +104,11 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
     check_tensor("k", k, 3, q.dtype)
     num_tokens, head_dim = q.shape[0], q.shape[2]
     check(k.shape[0] == num_tokens and k.shape[2] == head_dim,
-          f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree on tokens or head_dim")
-    check(head_dim % 2 == 0, f"head_dim {head_dim} is odd")
+          lambda: f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree on tokens or head_dim")
+    check(head_dim % 2 == 0, lambda: f"head_dim {head_dim} is odd")
     for name, t in (("cos", cos), ("sin", sin)):
         check_tensor(name, t, 2, q.dtype)
-        check(tuple(t.shape) == (num_tokens, head_dim), f"{name} {tuple(t.shape)} vs q "
+        check(tuple(t.shape) == (num_tokens, head_dim), lambda: f"{name} {tuple(t.shape)} vs q "
               f"{tuple(q.shape)}: expected [{num_tokens}, {head_dim}]")
     check_same_device(q=q, k=k, cos=cos, sin=sin)
     if num_tokens == 0:
@@ -118,7 +119,7 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """Checked entry point of `silu_mul_ref` (same semantics)."""
     check_tensor("gate_up", gate_up, 2, FLOAT_DTYPES)
-    check(gate_up.shape[1] % 2 == 0, f"gate_up {tuple(gate_up.shape)}: odd width")
+    check(gate_up.shape[1] % 2 == 0, lambda: f"gate_up {tuple(gate_up.shape)}: odd width")
     if gate_up.numel() == 0:
         return silu_mul_ref(gate_up)
     return pick(silu_mul_ref, gate_up.device)(gate_up)

@@ -277,16 +277,16 @@ def _check_tables(pool_flat: torch.Tensor, rows: torch.Tensor, ranks: torch.Tens
     check_tensor("rows", rows, 2, torch.int64)
     check_tensor("ranks", ranks, 1, INDEX_DTYPES)
     check(ranks.shape[0] == rows.shape[0],
-          f"ranks {tuple(ranks.shape)} and row table {tuple(rows.shape)} disagree on slots")
+          lambda: f"ranks {tuple(ranks.shape)} and row table {tuple(rows.shape)} disagree on slots")
 
 
 def _check_segments(seg_starts: torch.Tensor, seg_slots: torch.Tensor, num_tokens: int) -> None:
     check_tensor("seg_starts", seg_starts, 1, INDEX_DTYPES)
     check_tensor("seg_slots", seg_slots, 1, INDEX_DTYPES)
     check(seg_starts.shape[0] == seg_slots.shape[0] + 1,
-          f"seg_starts {tuple(seg_starts.shape)} must have one more entry than seg_slots")
+          lambda: f"seg_starts {tuple(seg_starts.shape)} must have one more entry than seg_slots")
     check(seg_slots.shape[0] == 0 or int(seg_starts[-1]) <= num_tokens,
-          f"segments end past the {num_tokens} tokens")
+          lambda: f"segments end past the {num_tokens} tokens")
 
 
 def lora_shrink(x: torch.Tensor, pool_flat: torch.Tensor, a_rows: torch.Tensor,
@@ -309,7 +309,8 @@ def _check_expand(h: torch.Tensor, pool_flat: torch.Tensor, b_rows: torch.Tensor
     check_tensor("scales", scales, 1, torch.float32)
     check_tensor("out", out, 2, pool_flat.dtype)
     check(h.shape == (out.shape[0], b_rows.shape[1]),
-          f"h {tuple(h.shape)} must be [out tokens {out.shape[0]}, max_rank {b_rows.shape[1]}]")
+          lambda: f"h {tuple(h.shape)} must be [out tokens {out.shape[0]}, "
+                  f"max_rank {b_rows.shape[1]}]")
     check(scales.shape[0] == b_rows.shape[0], "scales and row table disagree on slots")
     check_same_device(h=h, pool_flat=pool_flat, b_rows=b_rows, out=out)
 

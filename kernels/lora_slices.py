@@ -65,11 +65,12 @@ def _check(x: torch.Tensor, pool_flat: torch.Tensor, a_rows: torch.Tensor, b_row
     check_tensor("ranks", ranks, 2, INDEX_DTYPES)
     check_tensor("scales", scales, 2, torch.float32)
     num_slices = len(slice_sizes)
-    check(1 <= num_slices <= 3, f"1 to 3 slices, got {num_slices}")
+    check(1 <= num_slices <= 3, lambda: f"1 to 3 slices, got {num_slices}")
     check(a_rows.shape == b_rows.shape and a_rows.shape[0] == num_slices,
-          f"row tables {tuple(a_rows.shape)}, {tuple(b_rows.shape)} for {num_slices} slices")
+          lambda: f"row tables {tuple(a_rows.shape)}, {tuple(b_rows.shape)} "
+                  f"for {num_slices} slices")
     check(ranks.shape == scales.shape == a_rows.shape[:2], "ranks/scales disagree with tables")
-    check(sum(slice_sizes) <= out.shape[1], f"slices {slice_sizes} wider than out")
+    check(sum(slice_sizes) <= out.shape[1], lambda: f"slices {slice_sizes} wider than out")
     check(out.shape[0] == x.shape[0], "x and out disagree on tokens")
     if g_rows is not None:
         check_tensor("g_rows", g_rows, 2, torch.int64)
@@ -107,7 +108,7 @@ def lora_apply_segments(x: torch.Tensor, pool_flat: torch.Tensor, a_rows: torch.
     check_tensor("seg_starts", seg_starts, 1, INDEX_DTYPES)
     check_tensor("seg_slots", seg_slots, 1, INDEX_DTYPES)
     check(seg_starts.shape[0] == seg_slots.shape[0] + 1,
-          f"seg_starts {tuple(seg_starts.shape)} must have one more entry than seg_slots")
+          lambda: f"seg_starts {tuple(seg_starts.shape)} must have one more entry than seg_slots")
     if x.shape[0] == 0 or seg_slots.shape[0] == 0:
         return
     pick(lora_apply_segments_ref, x.device)(x, pool_flat, a_rows, b_rows, ranks, scales,
