@@ -31,6 +31,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 H100_SMS = 132
+SHAPES = {  # hidden, intermediate, heads, KV heads, head_dim, vocabulary
+    "llama3-8b": (4096, 14336, 32, 8, 128, 32000),
+    "tiny": (64, 128, 4, 2, 16, 256),  # the same launches but for shape-driven heuristics
+}
 NO_LAUNCH = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided",
              "lift_fresh", "_unsafe_view", "sym_size", "sym_stride", "sym_numel", "is_same_size",
              "set_", "resize_"}
@@ -89,7 +93,7 @@ def set_sms(num: int) -> None:
 
 
 def count_step(num_layers: int, setting: str, step: str, batch: int, context: int,
-               all_modules: bool) -> dict:
+               all_modules: bool, shape: str = "llama3-8b") -> dict:
     from loraplex.loadtest.bench_kernels import RANKS
     from loraplex.loadtest.bench_step import (
         TARGETS,
@@ -102,11 +106,12 @@ def count_step(num_layers: int, setting: str, step: str, batch: int, context: in
     from loraplex.model.config import ModelConfig
     from loraplex.model.models.llama import LlamaModel
 
+    hidden, intermediate, heads, kv_heads, head_dim, vocab = SHAPES[shape]
     config = ModelConfig(
-        model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
-        num_layers=num_layers, num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5,
-        rope_theta=500000.0, max_position_embeddings=8192, tie_word_embeddings=False,
-        attention_bias=False, mlp_bias=False, has_qk_norm=False)
+        model_type="llama", vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+        num_layers=num_layers, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
+        rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=8192,
+        tie_word_embeddings=False, attention_bias=False, mlp_bias=False, has_qk_norm=False)
     dtype, device = torch.bfloat16, torch.device("cpu")
     model = LlamaModel(config, random_weights(config, dtype, device))
     targets, ranks = {"base": (TARGETS, RANKS), "a_rank16_qkvo": (TARGETS[:4], (16,)),
@@ -140,7 +145,7 @@ def count_step(num_layers: int, setting: str, step: str, batch: int, context: in
 def child(args: argparse.Namespace) -> None:
     set_sms(H100_SMS)
     result = count_step(args.layers, args.setting, args.step, args.batch, args.context,
-                        args.all_modules)
+                        args.all_modules, args.shape)
     print(json.dumps(result))
 
 
@@ -149,7 +154,8 @@ def run_child(layers: int, setting: str, step: str, args: argparse.Namespace) ->
     proc = subprocess.run(
         [sys.executable, "-m", "loraplex.loadtest.launch_count", "--child", "--layers",
          str(layers), "--setting", setting, "--step", step, "--batch", str(args.batch),
-         "--context", str(args.context)] + (["--all-modules"] if args.all_modules else []),
+         "--context", str(args.context), "--shape", args.shape]
+        + (["--all-modules"] if args.all_modules else []),
         env=env, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"child failed: {proc.stderr[-3000:]}")
@@ -166,6 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--model-layers", type=int, default=32, help="layers of the step reported")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
     parser.add_argument("--all-modules", action="store_true",
                         help="LoRA launches for all seven projections, not only those targeted")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
