@@ -18,6 +18,8 @@ from loraplex.kernels.fused import (
     rms_norm_ref,
     rope,
     rope_ref,
+    rope_write_kv,
+    rope_write_kv_ref,
     silu_mul,
     silu_mul_ref,
 )
@@ -63,6 +65,8 @@ __all__ = [
     "rms_norm_ref",
     "rope",
     "rope_ref",
+    "rope_write_kv",
+    "rope_write_kv_ref",
     "shira_gather",
     "shira_gather_ref",
     "silu_mul",

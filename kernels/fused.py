@@ -1,9 +1,10 @@
 """The base model's elementwise ops, each one launch on the Triton path: RMSNorm (alone and after
-the residual add), RoPE on q and k together, and SiLU-and-multiply.
+the residual add), RoPE on q and k together (alone, or with the layer's K/V write), and
+SiLU-and-multiply.
 
 Eagerly each is a chain of small torch ops (RMSNorm alone is eight launches), about 2 µs each even
 replayed in a CUDA graph. Torch references plus the public entry points; imports only
-`kernels.dispatch`.
+`kernels.dispatch` and `kernels.attention` (the K/V write's reference).
 """
 
 from __future__ import annotations
@@ -11,7 +12,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from loraplex.kernels.dispatch import check, check_same_device, check_tensor, pick
+from loraplex.kernels.attention import write_kv_ref
+from loraplex.kernels.dispatch import (
+    INDEX_DTYPES,
+    check,
+    check_same_device,
+    check_tensor,
+    pick,
+)
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -57,6 +65,20 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos[:, None, :] + rotated * sin[:, None, :]
 
 
+def rope_write_kv_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                      sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      slot_mapping: torch.Tensor) -> torch.Tensor:
+    """Semantics:  q_out, k_out = rope_ref(q, k, cos, sin)
+                    write_kv_ref(k_cache, v_cache, k_out, v, slot_mapping)
+                    return q_out
+    A layer's RoPE and K/V write in one launch on the Triton path (the rotated k is only wanted
+    in the cache). Shapes as `rope_ref` and `write_kv_ref`; v like k; caches in place.
+    """
+    q_out, k_out = rope_ref(q, k, cos, sin)
+    write_kv_ref(k_cache, v_cache, k_out, v, slot_mapping)
+    return q_out
+
+
 def silu_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
     """Semantics:  gate, up = gate_up[:, :d], gate_up[:, d:]
                     out = silu(gate) * up             (silu rounded to gate_up.dtype first)
@@ -100,6 +122,33 @@ def add_rms_norm(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
 def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
          sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Checked entry point of `rope_ref` (same semantics)."""
+    _check_rope(q, k, cos, sin)
+    if q.shape[0] == 0:
+        return rope_ref(q, k, cos, sin)
+    return pick(rope_ref, q.device)(q, k, cos, sin)
+
+
+def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                  sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  slot_mapping: torch.Tensor) -> torch.Tensor:
+    """Checked entry point of `rope_write_kv_ref` (same semantics; caches written in place)."""
+    _check_rope(q, k, cos, sin)
+    check_tensor("v", v, 3, q.dtype)
+    check(v.shape == k.shape, lambda: f"v {tuple(v.shape)} vs k {tuple(k.shape)}")
+    check_tensor("k_cache", k_cache, 4, q.dtype)
+    check(v_cache.shape == k_cache.shape and v_cache.dtype == k_cache.dtype,
+          "k_cache and v_cache differ in shape or dtype")
+    check(k.shape[1:] == k_cache.shape[2:],
+          lambda: f"k {tuple(k.shape)} vs cache {tuple(k_cache.shape)}")
+    check_tensor("slot_mapping", slot_mapping, 1, INDEX_DTYPES)
+    check(slot_mapping.shape[0] == q.shape[0], "slot_mapping and q disagree on tokens")
+    check_same_device(q=q, v=v, k_cache=k_cache, slot_mapping=slot_mapping)
+    if q.shape[0] == 0:
+        return rope_write_kv_ref(q, k, v, cos, sin, k_cache, v_cache, slot_mapping)
+    return pick(rope_write_kv_ref, q.device)(q, k, v, cos, sin, k_cache, v_cache, slot_mapping)
+
+
+def _check_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     check_tensor("q", q, 3, FLOAT_DTYPES)
     check_tensor("k", k, 3, q.dtype)
     num_tokens, head_dim = q.shape[0], q.shape[2]
@@ -111,9 +160,6 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
         check(tuple(t.shape) == (num_tokens, head_dim), lambda: f"{name} {tuple(t.shape)} vs q "
               f"{tuple(q.shape)}: expected [{num_tokens}, {head_dim}]")
     check_same_device(q=q, k=k, cos=cos, sin=sin)
-    if num_tokens == 0:
-        return rope_ref(q, k, cos, sin)
-    return pick(rope_ref, q.device)(q, k, cos, sin)
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,5 @@
-"""Triton twins of `kernels.fused`: RMSNorm (alone or after the residual add), RoPE on q and k,
-SiLU-and-multiply, each one launch.
+"""Triton twins of `kernels.fused`: RMSNorm (alone or after the residual add), RoPE on q and k
+(alone or with the layer's K/V write), SiLU-and-multiply, each one launch.
 
 Every twin computes in fp32 and rounds where its reference rounds (the normalised row and SiLU's
 output to the input dtype before the multiply that follows, the residual sum to h's dtype), so
@@ -98,21 +98,31 @@ def add_rms_norm_triton(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tens
 
 
 @triton.jit
-def _rotate_heads(x_ptr, out_ptr, cos, sin, t, num_heads, head_dim, stride_t, stride_h,
+def _rotate_heads(x_row, out_row, cos, sin, num_heads, head_dim, stride_xh, stride_oh,
                   BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Token t's heads of x rotated by cos, sin ([BLOCK_D] fp32) into out ([T, H, D])."""
+    """One token's heads (x_row + h·stride_xh) rotated by cos, sin ([BLOCK_D] fp32) into
+    out_row + h·stride_oh, rounded once to out's dtype."""
     heads, dims = tl.arange(0, BLOCK_H), tl.arange(0, BLOCK_D)
     half = head_dim // 2
     is_first = dims < half
     partner = tl.where(is_first, dims + half, dims - half)  # rotate_half's source column
     mask = (heads < num_heads)[:, None] & (dims < head_dim)[None, :]
-    row = x_ptr + t * stride_t + heads[:, None] * stride_h
+    row = x_row + heads[:, None] * stride_xh
     x = tl.load(row + dims[None, :], mask=mask, other=0.0).to(tl.float32)
     x_partner = tl.load(row + partner[None, :], mask=mask, other=0.0).to(tl.float32)
     rotated = tl.where(is_first[None, :], -x_partner, x_partner)
     result = x * cos[None, :] + rotated * sin[None, :]
-    tl.store(out_ptr + (t * num_heads + heads[:, None]) * head_dim + dims[None, :],
-             result.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_row + heads[:, None] * stride_oh + dims[None, :],
+             result.to(out_row.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _cos_sin(cos_ptr, sin_ptr, t, head_dim, stride_ct, stride_st, BLOCK_D: tl.constexpr):
+    dims = tl.arange(0, BLOCK_D)
+    dim_mask = dims < head_dim
+    cos = tl.load(cos_ptr + t * stride_ct + dims, mask=dim_mask, other=0.0).to(tl.float32)
+    sin = tl.load(sin_ptr + t * stride_st + dims, mask=dim_mask, other=0.0).to(tl.float32)
+    return cos, sin
 
 
 @triton.jit
@@ -122,16 +132,45 @@ def _rope_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr, num_q_hea
                  BLOCK_D: tl.constexpr):
     """Program (t, 0) rotates token t's q heads, (t, 1) its k heads."""
     t = tl.program_id(0).to(tl.int64)
-    dims = tl.arange(0, BLOCK_D)
-    dim_mask = dims < head_dim
-    cos = tl.load(cos_ptr + t * stride_ct + dims, mask=dim_mask, other=0.0).to(tl.float32)
-    sin = tl.load(sin_ptr + t * stride_st + dims, mask=dim_mask, other=0.0).to(tl.float32)
+    cos, sin = _cos_sin(cos_ptr, sin_ptr, t, head_dim, stride_ct, stride_st, BLOCK_D)
     if tl.program_id(1) == 0:
-        _rotate_heads(q_ptr, q_out_ptr, cos, sin, t, num_q_heads, head_dim, stride_qt,
-                      stride_qh, BLOCK_HQ, BLOCK_D)
+        _rotate_heads(q_ptr + t * stride_qt, q_out_ptr + t * num_q_heads * head_dim, cos, sin,
+                      num_q_heads, head_dim, stride_qh, head_dim, BLOCK_HQ, BLOCK_D)
     else:
-        _rotate_heads(k_ptr, k_out_ptr, cos, sin, t, num_k_heads, head_dim, stride_kt,
-                      stride_kh, BLOCK_HK, BLOCK_D)
+        _rotate_heads(k_ptr + t * stride_kt, k_out_ptr + t * num_k_heads * head_dim, cos, sin,
+                      num_k_heads, head_dim, stride_kh, head_dim, BLOCK_HK, BLOCK_D)
+
+
+@triton.jit
+def _rope_write_kv_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, q_out_ptr, k_cache_ptr,
+                          v_cache_ptr, slots_ptr, num_q_heads, num_k_heads, head_dim, page_size,
+                          stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                          stride_ct, stride_st, stride_c0, stride_c1, stride_c2,
+                          BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
+                          BLOCK_D: tl.constexpr):
+    """Program (t, 0) rotates token t's q heads into q_out; (t, 1) its k heads and (t, 2) its
+    v heads go to page slot // page_size, offset slot % page_size of the caches (slot -1: no
+    write)."""
+    t, part = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    if part == 0:
+        cos, sin = _cos_sin(cos_ptr, sin_ptr, t, head_dim, stride_ct, stride_st, BLOCK_D)
+        _rotate_heads(q_ptr + t * stride_qt, q_out_ptr + t * num_q_heads * head_dim, cos, sin,
+                      num_q_heads, head_dim, stride_qh, head_dim, BLOCK_HQ, BLOCK_D)
+    else:
+        slot = tl.load(slots_ptr + t).to(tl.int64)  # page · stride passes 2³¹ in a real pool
+        if slot >= 0:
+            dst = slot // page_size * stride_c0 + slot % page_size * stride_c1
+            if part == 1:
+                cos, sin = _cos_sin(cos_ptr, sin_ptr, t, head_dim, stride_ct, stride_st, BLOCK_D)
+                _rotate_heads(k_ptr + t * stride_kt, k_cache_ptr + dst, cos, sin, num_k_heads,
+                              head_dim, stride_kh, stride_c2, BLOCK_HK, BLOCK_D)
+            else:
+                heads, dims = tl.arange(0, BLOCK_HK), tl.arange(0, BLOCK_D)
+                mask = (heads < num_k_heads)[:, None] & (dims < head_dim)[None, :]
+                v = tl.load(v_ptr + t * stride_vt + heads[:, None] * stride_vh + dims[None, :],
+                            mask=mask)
+                tl.store(v_cache_ptr + dst + heads[:, None] * stride_c2 + dims[None, :],
+                         v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
 def rope_into(q_out: torch.Tensor, k_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
@@ -149,6 +188,36 @@ def rope_into(q_out: torch.Tensor, k_out: torch.Tensor, q: torch.Tensor, k: torc
         q.stride(1), k.stride(0), k.stride(1), cos.stride(0), sin.stride(0),
         BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_D=block_d,
         num_warps=_num_warps(block_hq * block_d))
+
+
+def rope_write_kv_into(q_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                       v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """`rope_write_kv_ref`'s q written into q_out (contiguous), its K/V into the caches."""
+    num_tokens, num_q_heads, head_dim = q.shape
+    if num_tokens == 0:
+        return
+    assert k_cache.stride() == v_cache.stride(), "k_cache and v_cache views must share strides"
+    assert k_cache.stride(3) == 1, f"cache strides {k_cache.stride()}: head_dim must be 1"
+    q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
+    cos, sin = _unit_last_stride(cos), _unit_last_stride(sin)
+    block_hq, block_hk = triton.next_power_of_2(num_q_heads), triton.next_power_of_2(k.shape[1])
+    block_d = triton.next_power_of_2(head_dim)
+    _rope_write_kv_kernel[(num_tokens, 3)](
+        q, k, v, cos, sin, q_out, k_cache, v_cache, slot_mapping, num_q_heads, k.shape[1],
+        head_dim, k_cache.shape[1], q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        v.stride(0), v.stride(1), cos.stride(0), sin.stride(0), k_cache.stride(0),
+        k_cache.stride(1), k_cache.stride(2), BLOCK_HQ=block_hq, BLOCK_HK=block_hk,
+        BLOCK_D=block_d, num_warps=_num_warps(block_hq * block_d))
+
+
+def rope_write_kv_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                         sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         slot_mapping: torch.Tensor) -> torch.Tensor:
+    """Triton twin of `rope_write_kv_ref` (same semantics and signature)."""
+    q_out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    rope_write_kv_into(q_out, q, k, v, cos, sin, k_cache, v_cache, slot_mapping)
+    return q_out
 
 
 def rope_triton(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,

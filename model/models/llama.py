@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
-from loraplex.kernels.attention import paged_attention, write_kv
+from loraplex.kernels.attention import paged_attention
 from loraplex.kernels.dispatch import step_memo
-from loraplex.kernels.fused import add_rms_norm, rms_norm, rope, silu_mul
+from loraplex.kernels.fused import add_rms_norm, rms_norm, rope_write_kv, silu_mul
 from loraplex.kernels.lora_slices import lora_apply, lora_apply_segments
 from loraplex.kernels.shira import shira_gather
 from loraplex.model.config import TARGET_MODULES, ModelConfig
@@ -151,9 +151,9 @@ class LlamaModel:
         if lw["q_norm"] is not None:
             q = rms_norm(q, lw["q_norm"], c.rms_norm_eps)
             k = rms_norm(k, lw["k_norm"], c.rms_norm_eps)
-        q, k = rope(q, k, cos, sin)  # [T, H_q, D], [T, H_kv, D]
         k_cache, v_cache = ctx.kv_caches[i]
-        write_kv(k_cache, v_cache, k, v, ctx.slot_mapping)
+        # q rotated [T, H_q, D]; k rotated and v into their pages (one launch on the GPU path).
+        q = rope_write_kv(q, k, v, cos, sin, k_cache, v_cache, ctx.slot_mapping)
         out = paged_attention(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens,
                               ctx.query_start_loc, c.head_dim ** -0.5)
         out = out.reshape(num_tokens, c.q_size)

@@ -184,7 +184,7 @@ class TestReferencesAgainstTransformers:
 # ---- the Triton twins against the references ----------------------------------------------------
 
 def test_each_reference_finds_its_twin() -> None:
-    for name in ("rms_norm", "add_rms_norm", "rope", "silu_mul"):
+    for name in ("rms_norm", "add_rms_norm", "rope", "rope_write_kv", "silu_mul"):
         assert triton_twin(getattr(fused, f"{name}_ref")) is getattr(fused_t, f"{name}_triton")
 
 
@@ -252,6 +252,42 @@ def test_rope_matches_reference(num_tokens: int, heads: tuple[int, int, int],
     got_q, got_k = fused_t.rope_triton(q, k, cos, sin)
     assert_close(got_q, want_q, dtype)
     assert_close(got_k, want_k, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("heads", ROPE_HEADS, ids=str)
+@pytest.mark.parametrize("num_tokens", NUM_TOKENS)
+def test_rope_write_kv_matches_reference(num_tokens: int, heads: tuple[int, int, int],
+                                         dtype: torch.dtype) -> None:
+    """q rotated; k rotated and v written to their slots of strided cache views (pages out of
+    order, slot -1: not written); every other cache element stays NaN."""
+    num_q, num_k, head_dim = heads
+    gen = gen_for("rope_write_kv", num_tokens, heads, dtype)
+    q, k = qk_views(num_tokens, heads, dtype, gen)
+    v = padded_view(num_tokens, num_k * head_dim, dtype, gen).view(num_tokens, num_k, head_dim)
+    cos, sin = rope_cos_sin(torch.randint(0, 5000, (num_tokens,), generator=gen), head_dim,
+                            dtype)
+    page_size, num_pages = 4, num_tokens // 4 + 3
+    pool = torch.full((num_pages, 2, 2, page_size, num_k, head_dim), float("nan"), dtype=dtype,
+                      device=DEVICE)  # layer 1 of 2: strided views, as the engine's caches
+    slots = torch.randperm(num_pages * page_size, generator=gen)[:num_tokens]
+    slots[::3] = -1
+    slots = slots.to(DEVICE)
+    want_pool = pool.clone()
+    want_q = fused.rope_write_kv_ref(q, k, v, cos, sin, want_pool[:, 1, 0], want_pool[:, 1, 1],
+                                     slots)
+    q_out = nan_like(want_q)
+    fused_t.rope_write_kv_into(q_out, q, k, v, cos, sin, pool[:, 1, 0], pool[:, 1, 1], slots)
+    assert_close(q_out, want_q, dtype)
+    assert torch.equal(pool.isnan(), want_pool.isnan())  # nothing else written
+    written = ~want_pool.isnan()
+    assert_close(pool[written], want_pool[written], dtype)
+    assert torch.equal(pool[:, 1, 1][~pool[:, 1, 1].isnan()],
+                       want_pool[:, 1, 1][~want_pool[:, 1, 1].isnan()])  # v copied exactly
+    got_pool = torch.full_like(pool, float("nan"))
+    assert_close(fused_t.rope_write_kv_triton(q, k, v, cos, sin, got_pool[:, 1, 0],
+                                              got_pool[:, 1, 1], slots), want_q, dtype)
+    assert torch.equal(got_pool.isnan(), want_pool.isnan())
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
