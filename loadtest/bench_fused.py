@@ -1,5 +1,5 @@
 """Benchmarks of the fused elementwise kernels (`kernels/fused.py`): RMSNorm, residual add +
-RMSNorm, RoPE on q and k, SiLU-and-multiply, each its Triton twin against its torch reference
+RMSNorm, RoPE on q and k (alone and with the K/V write), SiLU-and-multiply, each its Triton twin against its torch reference
 (a chain of small launches), inside CUDA graphs, next to the bytes it must move over the copy
 bandwidth. Run as part of `bench_kernels` (`--skip fused` leaves it out).
 """
@@ -9,7 +9,13 @@ from __future__ import annotations
 import torch
 
 from loraplex.kernels import dispatch
-from loraplex.kernels.fused import add_rms_norm_ref, rms_norm_ref, rope_ref, silu_mul_ref
+from loraplex.kernels.fused import (
+    add_rms_norm_ref,
+    rms_norm_ref,
+    rope_ref,
+    rope_write_kv_ref,
+    silu_mul_ref,
+)
 from loraplex.loadtest.bench_kernels import Dims, graph_time
 
 
@@ -29,10 +35,18 @@ def bench_fused(dims: Dims, dtype: torch.dtype, device: torch.device, bandwidth:
         cos = torch.cat((angle.cos(), angle.cos()), -1).to(dtype)
         sin = torch.cat((angle.sin(), angle.sin()), -1).to(dtype)
         gate_up = torch.randn(tokens, 2 * dims.intermediate, device=device).to(dtype)
+        v = torch.randn_like(k)
+        page_size = 16
+        cache = torch.zeros(-(-tokens // page_size), 2, page_size, dims.num_kv_heads,
+                            dims.head_dim, device=device, dtype=dtype)
+        slots = torch.randperm(cache.shape[0] * page_size, device=device)[:tokens]
         cases = (
             ("rms_norm", rms_norm_ref, (h, weight, 1e-5), 2 * h.numel()),
             ("add_rms_norm", add_rms_norm_ref, (h, delta, weight, 1e-5), 4 * h.numel()),
             ("rope", rope_ref, (q, k, cos, sin), 2 * tokens * (q_size + kv_size + dims.head_dim)),
+            ("rope_write_kv", rope_write_kv_ref,
+             (q, k, v, cos, sin, cache[:, 0], cache[:, 1], slots),
+             2 * tokens * (q_size + 2 * kv_size + dims.head_dim)),
             ("silu_mul", silu_mul_ref, (gate_up,), gate_up.numel() * 3 // 2),
         )
         for name, ref, args, numel in cases:
