@@ -1,7 +1,8 @@
 """Benchmarks of the fused elementwise kernels (`kernels/fused.py`): RMSNorm, residual add +
-RMSNorm, RoPE on q and k (alone and with the K/V write), SiLU-and-multiply, each its Triton twin against its torch reference
-(a chain of small launches), inside CUDA graphs, next to the bytes it must move over the copy
-bandwidth. Run as part of `bench_kernels` (`--skip fused` leaves it out).
+RMSNorm, RoPE on q and k (alone and with the K/V write), SiLU-and-multiply, each its Triton twin
+against its torch reference (a chain of small launches), inside CUDA graphs, next to the bytes
+it must move over the copy bandwidth. Run as part of `bench_kernels` (`--skip fused` leaves it
+out).
 """
 
 from __future__ import annotations
