@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from loraplex.loadtest.bench_kernels import write_outputs
 from loraplex.loadtest.random_model import model_shape, write_adapters, write_random_model
 from loraplex.memory.config import MemoryConfig
 from loraplex.model.config import ModelConfig
@@ -101,12 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     for r in rows:
         lines.append(f"| {r['batch']} | {r['as_is']['host_ms']:.2f} | "
                      f"{r['frozen']['host_ms']:.2f} | {r['as_is']['forward_ms']:.2f} |")
-    report = "\n".join(lines)
-    print(report)
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "bench_host.json").write_text(json.dumps(rows, indent=1))
-        (args.out / "bench_host.md").write_text(report + "\n")
+    write_outputs(args.out, "bench_host", rows, "\n".join(lines))
 
 
 if __name__ == "__main__":

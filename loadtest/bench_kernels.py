@@ -286,6 +286,16 @@ def table(rows: list[dict], bandwidth: float, device_name: str) -> str:
     return "\n".join(lines)
 
 
+def write_outputs(out: Path | None, stem: str, data: object, report: str) -> None:
+    """Print a benchmark's Markdown report; with `out`, also write `<stem>.json` (data) and
+    `<stem>.md` there (what every benchmark script here leaves behind)."""
+    print(report)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{stem}.json").write_text(json.dumps(data, indent=1))
+        (out / f"{stem}.md").write_text(report + "\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes (runs on CPU)")
@@ -338,13 +348,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[{name}: {time.perf_counter() - t0:.0f} s]", flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    report = table(rows, bandwidth, device_name)
-    print(report)
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "kernels.json").write_text(json.dumps(
-            dict(device=device_name, copy_bandwidth=bandwidth, rows=rows), indent=1))
-        (args.out / "kernels.md").write_text(report + "\n")
+    write_outputs(args.out, "kernels", dict(device=device_name, copy_bandwidth=bandwidth,
+                                            rows=rows), table(rows, bandwidth, device_name))
     if failed:
         raise SystemExit(f"failed: {', '.join(failed)}")
 

@@ -18,10 +18,10 @@ from loraplex.kernels import dispatch
 from loraplex.loadtest.bench_kernels import RANKS, Dims, graph_time, time_ms
 from loraplex.memory.adapters import AdapterTables
 from loraplex.memory.kv import KVLayout
-from loraplex.model.config import ModelConfig
+from loraplex.model.config import TARGET_MODULES, ModelConfig, module_indices
 from loraplex.model.models.llama import ForwardContext, LlamaModel
 
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+TARGETS = TARGET_MODULES
 
 
 # ---- one decode step of the whole model -------------------------------------------------------------
@@ -61,7 +61,7 @@ def bench_decode_step(dims: Dims, dtype: torch.dtype, device: torch.device, band
             ctx = decode_context(config, pool, tables, batch, dims.context, page_size,
                                  num_adapters, device)
             if num_adapters:  # LoRA launches for the targeted projections only, as the engine
-                ctx.adapter_modules = frozenset(TARGETS.index(m) for m in targets)
+                ctx.adapter_modules = module_indices(targets)
             ids = torch.randint(0, dims.vocab, (batch,), device=device)
             logits_indices = torch.arange(batch, device=device)
             ms = time_ms(lambda: model.forward(ids, ctx, logits_indices), device)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import time
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from loraplex.loadtest.bench_kernels import (
     graph_time,
     make_decode_kv,
     rotating_lora_sets,
+    write_outputs,
 )
 
 
@@ -170,13 +170,8 @@ def main(argv: list[str] | None = None) -> None:
         except Exception as error:  # noqa: BLE001 (report the other part all the same)
             print(f"[{name} failed: {error!r}]"[:2000], flush=True)
         print(f"[{name}: {time.perf_counter() - t0:.0f} s]", flush=True)
-    report = table(rows, bandwidth)
-    print(report)
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "kernels_sweep.json").write_text(json.dumps(
-            dict(copy_bandwidth=bandwidth, rows=rows), indent=1))
-        (args.out / "kernels_sweep.md").write_text(report + "\n")
+    write_outputs(args.out, "kernels_sweep", dict(copy_bandwidth=bandwidth, rows=rows),
+                  table(rows, bandwidth))
 
 
 if __name__ == "__main__":

@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from loraplex.loadtest.bench_kernels import write_outputs
+
 H100_SMS = 132
 SHAPES = {  # hidden, intermediate, heads, KV heads, head_dim, vocabulary
     "llama3-8b": (4096, 14336, 32, 8, 128, 32000),
@@ -47,12 +49,9 @@ class LaunchCounter(TorchDispatchMode):
         super().__init__()
         self.ops: collections.Counter[str] = collections.Counter()
         self.host_reads = 0
-        self.paused = False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if self.paused:
-            return out
         name = func.overloadpacket.__name__
         if name in ("_local_scalar_dense", "item"):
             self.host_reads += 1
@@ -72,7 +71,7 @@ def _is_view(func) -> bool:
                                  for r in returns)
 
 
-def count_triton_launches(counter: LaunchCounter, triton_counts: collections.Counter):
+def count_triton_launches(triton_counts: collections.Counter) -> None:
     """Patch the interpreter: a Triton launch is counted by kernel name and not run."""
     from triton.runtime.interpreter import InterpretedFunction
 
@@ -103,7 +102,7 @@ def count_step(num_layers: int, setting: str, step: str, batch: int, context: in
         random_weights,
     )
     from loraplex.memory.kv import KVLayout
-    from loraplex.model.config import ModelConfig
+    from loraplex.model.config import ModelConfig, module_indices
     from loraplex.model.models.llama import LlamaModel
 
     hidden, intermediate, heads, kv_heads, head_dim, vocab = SHAPES[shape]
@@ -127,7 +126,7 @@ def count_step(num_layers: int, setting: str, step: str, batch: int, context: in
                                num_kv_pages * layout.page_numel, torch.Generator().manual_seed(0))
     ctx = decode_context(config, pool, tables, batch, context, page_size, num_adapters, device)
     if num_adapters and not all_modules:  # only the targeted projections, as the engine does
-        ctx.adapter_modules = frozenset(TARGETS.index(m) for m in targets)
+        ctx.adapter_modules = module_indices(targets)
     if step == "mixed":  # every sequence one LoRA segment (prefill form), as mixed graphs run
         ctx.lora_seg_starts = ctx.query_start_loc
         ctx.lora_seg_slots = ctx.lora_token_slots
@@ -135,7 +134,7 @@ def count_step(num_layers: int, setting: str, step: str, batch: int, context: in
     rows = torch.arange(batch)
     triton_counts: collections.Counter[str] = collections.Counter()
     counter = LaunchCounter()
-    count_triton_launches(counter, triton_counts)
+    count_triton_launches(triton_counts)
     with counter:
         model.forward(ids, ctx, rows)
     return dict(torch_ops=dict(counter.ops), triton=dict(triton_counts),
@@ -198,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
                 host_reads=two["host_reads"], layer_torch_ops=dict(layer_ops),
                 layer_triton=dict(layer_triton)))
             print(json.dumps(results[-1]), flush=True)
-    lines = [f"Kernel launches per step, Llama-3-8B shapes, batch {args.batch}, context "
+    lines = [f"Kernel launches per step, {args.shape} shapes, batch {args.batch}, context "
              f"{args.context}, {args.model_layers} layers (Triton path, H100 SM count"
              f"{'; LoRA on all seven projections' if args.all_modules else ''})", "",
              "| step | setting | per layer | outside layers | per step | host reads |",
@@ -206,12 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     for r in results:
         lines.append(f"| {r['step']} | {r['setting']} | {r['per_layer']} | {r['fixed']} | "
                      f"{r['per_step']} | {r['host_reads']} |")
-    report = "\n".join(lines)
-    print(report)
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "launch_count.json").write_text(json.dumps(results, indent=1))
-        (args.out / "launch_count.md").write_text(report + "\n")
+    write_outputs(args.out, "launch_count", results, "\n".join(lines))
 
 
 if __name__ == "__main__":

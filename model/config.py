@@ -6,6 +6,7 @@ Owns the architecture facts every layer below the scheduler needs. Imports nothi
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +16,11 @@ SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 # Target modules an adapter may touch, in the canonical order used by every row table.
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def module_indices(names: Iterable[str]) -> frozenset[int]:
+    """Target module names → their indices in `TARGET_MODULES` (the row tables' module axis)."""
+    return frozenset(TARGET_MODULES.index(name) for name in names)
 
 _DTYPES = {
     "float32": torch.float32,

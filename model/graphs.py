@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from loraplex.model.config import TARGET_MODULES
+from loraplex.model.config import TARGET_MODULES, module_indices
 from loraplex.model.models.llama import ForwardContext, LlamaModel
 
 if TYPE_CHECKING:
@@ -145,7 +145,7 @@ class StepGraphs:
         set past the first `MAX_MODULE_SETS` (bounds the graphs kept)."""
         if batch.adapter_modules is None:
             return None
-        modules = frozenset(TARGET_MODULES.index(name) for name in batch.adapter_modules)
+        modules = module_indices(batch.adapter_modules)
         if modules not in self.module_sets and len(self.module_sets) >= MAX_MODULE_SETS:
             return None
         self.module_sets.add(modules)

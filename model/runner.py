@@ -8,7 +8,7 @@ import torch
 
 from loraplex.kernels.dispatch import use_triton
 from loraplex.memory.kv import KVLayout
-from loraplex.model.config import TARGET_MODULES
+from loraplex.model.config import module_indices
 from loraplex.model.graphs import StepGraphs
 from loraplex.model.models.llama import ForwardContext, LlamaModel
 from loraplex.model.shira_fuse import ShiraFusion
@@ -70,8 +70,8 @@ class ModelRunner:
             lora_token_slots=dev(batch.lora_token_slots),
             shira_token_slots=dev(batch.shira_token_slots),
             has_dora=batch.has_dora,
-            adapter_modules=None if batch.adapter_modules is None else frozenset(
-                TARGET_MODULES.index(name) for name in batch.adapter_modules),
+            adapter_modules=None if batch.adapter_modules is None
+            else module_indices(batch.adapter_modules),
         )
         if self.triton and ctx.lora_token_slots is not None \
                 and batch.num_tokens > len(batch.seq_ids):
