@@ -1,10 +1,16 @@
-"""Batch (scheduler → runner) and StepOutput (back): the contract of one engine step."""
+"""Batch (scheduler → runner) and StepOutput (back): the contract of one engine step, and
+`build_batch`, which the scheduler fills a Batch with."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from loraplex.memory.kv import KVLayout
+    from loraplex.scheduler.request import Sequence
 
 
 @dataclass(slots=True)
@@ -51,6 +57,66 @@ class Batch:
     def __repr__(self) -> str:
         return (f"Batch(seqs={len(self.seq_ids)}, tokens={self.num_tokens}, "
                 f"sampling={len(self.sample_seq_ids)}, dora={self.has_dora})")
+
+
+def build_batch(scheduled: list[tuple["Sequence", int]], layout: "KVLayout",
+                adapter_tables: object, pool: torch.Tensor) -> Batch:
+    """One step's Batch: (sequence, its token count this step) in token order; the residency's
+    row tables (kept when a token has an adapter) and the pool's tensor.
+
+    The tensors are built from Python lists once, not per sequence: at hundreds of sequences a
+    step, per-sequence tensor ops cost milliseconds of host time.
+    """
+    input_ids: list[int] = []
+    positions: list[int] = []
+    slot_mapping: list[int] = []
+    lora_slots: list[int] = []
+    shira_slots: list[int] = []
+    starts, context_lens, logits_indices, sample_ids = [0], [], [], []
+    has_lora = has_shira = has_dora = False
+    targets: set[str] = set()
+    max_pages = max(len(s.page_table.pages) for s, _ in scheduled)
+    table: list[int] = []  # [B * max_pages], rows padded with 0
+    for seq, n in scheduled:
+        start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+        input_ids += seq.token_ids(start, end)
+        positions += range(start, end)
+        slot_mapping += seq.page_table.slot_list(layout, start, end)
+        pages = seq.page_table.pages
+        table += pages
+        table += [0] * (max_pages - len(pages))
+        context_lens.append(end)
+        starts.append(starts[-1] + n)
+        if end == seq.num_tokens:
+            logits_indices.append(starts[-1] - 1)
+            sample_ids.append(seq.seq_id)
+        kind = seq.request.adapter.kind if seq.request.adapter else None
+        targets.update(seq.request.adapter.target_modules if kind else ())
+        is_lora = kind in ("lora", "dora")
+        has_lora |= is_lora
+        has_dora |= kind == "dora"
+        has_shira |= kind == "shira"
+        lora_slots += [seq.adapter_slot if is_lora else -1] * n
+        shira_slots += [seq.adapter_slot if kind == "shira" else -1] * n
+
+    block_tables = torch.tensor(table, dtype=torch.int32).view(len(scheduled), max_pages)
+    return Batch(
+        seq_ids=[s.seq_id for s, _ in scheduled],
+        input_ids=torch.tensor(input_ids, dtype=torch.int64),
+        positions=torch.tensor(positions, dtype=torch.int64),
+        slot_mapping=torch.tensor(slot_mapping, dtype=torch.int64),
+        block_tables=block_tables,
+        context_lens=torch.tensor(context_lens, dtype=torch.int32),
+        query_start_loc=torch.tensor(starts, dtype=torch.int32),
+        logits_indices=torch.tensor(logits_indices, dtype=torch.int64),
+        sample_seq_ids=sample_ids,
+        lora_token_slots=torch.tensor(lora_slots, dtype=torch.int64) if has_lora else None,
+        shira_token_slots=torch.tensor(shira_slots, dtype=torch.int64) if has_shira else None,
+        has_dora=has_dora,
+        adapter_tables=adapter_tables if (has_lora or has_shira) else None,
+        pool=pool,
+        adapter_modules=frozenset(targets),
+    )
 
 
 @dataclass(slots=True)

@@ -66,17 +66,13 @@ class PreparedAdapter:
 
 
 def freeze_heap() -> None:
-    """Take every object alive now (imported modules, the model, the engine, the app) out of
-    the cyclic garbage collector's scans, once a long-lived process has set up.
-
-    A step allocates thousands of short-lived objects, so the collector runs often, and each
-    full collection otherwise walks the hundreds of thousands of objects that torch,
-    transformers and the server import: milliseconds of host time per step (see BENCHMARKS.md).
-    Objects created later are collected as usual; what is frozen is never freed by the cyclic
-    collector (reference counting still frees it), so this is for a process's one engine.
-    """
+    """Take every object alive now (modules, model, engine, app) out of the cyclic garbage
+    collector's scans, once a long-lived process of one engine has set up: its full collections
+    otherwise walk everything torch and the server import, milliseconds per step at hundreds of
+    sequences (BENCHMARKS.md). Later objects are collected as usual."""
     gc.collect()
     gc.freeze()
+
 
 class Engine:
     """Many requests, each on its own adapter (or none), in one continuous batch."""

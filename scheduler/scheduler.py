@@ -15,14 +15,12 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from itertools import chain
 
-import torch
-
 from loraplex.memory.adapters import AdapterResidency
 from loraplex.memory.host_cache import AdapterRecord, HostCache, Prefetcher
 from loraplex.memory.kv import KVLayout
 from loraplex.memory.pool import OutOfPagesError, PagePool
 from loraplex.model.adapters.canonical import AdapterWeights
-from loraplex.scheduler.batch import Batch, StepOutput
+from loraplex.scheduler.batch import Batch, StepOutput, build_batch
 from loraplex.scheduler.config import SchedulerConfig
 from loraplex.scheduler.errors import DeadlineExceededError
 from loraplex.scheduler.policy import (
@@ -153,7 +151,7 @@ class Scheduler:
         self._ran_batch = bool(scheduled)
         if not scheduled:
             return None
-        return self._build_batch(scheduled)
+        return build_batch(scheduled, self.kv_layout, self.residency.tables, self.pool.tensor)
 
     def update(self, batch: Batch, output: StepOutput) -> list[Sequence]:
         """Advance computed counts and append sampled tokens; returns the sampling sequences."""
@@ -346,61 +344,3 @@ class Scheduler:
         if seq.adapter_slot >= 0:
             self.residency.release(seq.request.adapter)
             seq.adapter_slot = -1
-
-    def _build_batch(self, scheduled: list[tuple[Sequence, int]]) -> Batch:
-        """The step's tensors, built from Python lists once (not per sequence: at hundreds of
-        sequences per step, per-sequence tensor ops cost milliseconds of host time)."""
-        layout = self.kv_layout
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slot_mapping: list[int] = []
-        lora_slots: list[int] = []
-        shira_slots: list[int] = []
-        starts, context_lens, logits_indices, sample_ids = [0], [], [], []
-        has_lora = has_shira = has_dora = False
-        targets: set[str] = set()
-        max_pages = max(len(s.page_table.pages) for s, _ in scheduled)
-        table: list[int] = []  # [B * max_pages], rows padded with 0
-        for seq, n in scheduled:
-            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
-            input_ids += seq.token_ids(start, end)
-            positions += range(start, end)
-            slot_mapping += seq.page_table.slot_list(layout, start, end)
-            pages = seq.page_table.pages
-            table += pages
-            table += [0] * (max_pages - len(pages))
-            context_lens.append(end)
-            starts.append(starts[-1] + n)
-            if end == seq.num_tokens:
-                logits_indices.append(starts[-1] - 1)
-                sample_ids.append(seq.seq_id)
-            kind = seq.request.adapter.kind if seq.request.adapter else None
-            targets.update(seq.request.adapter.target_modules if kind else ())
-            is_lora = kind in ("lora", "dora")
-            has_lora |= is_lora
-            has_dora |= kind == "dora"
-            has_shira |= kind == "shira"
-            lora_slots += [seq.adapter_slot if is_lora else -1] * n
-            shira_slots += [seq.adapter_slot if kind == "shira" else -1] * n
-
-        def per_token(slots: list[int]) -> torch.Tensor:
-            return torch.tensor(slots, dtype=torch.int64)
-
-        block_tables = torch.tensor(table, dtype=torch.int32).view(len(scheduled), max_pages)
-        return Batch(
-            seq_ids=[s.seq_id for s, _ in scheduled],
-            input_ids=torch.tensor(input_ids, dtype=torch.int64),
-            positions=torch.tensor(positions, dtype=torch.int64),
-            slot_mapping=torch.tensor(slot_mapping, dtype=torch.int64),
-            block_tables=block_tables,
-            context_lens=torch.tensor(context_lens, dtype=torch.int32),
-            query_start_loc=torch.tensor(starts, dtype=torch.int32),
-            logits_indices=torch.tensor(logits_indices, dtype=torch.int64),
-            sample_seq_ids=sample_ids,
-            lora_token_slots=per_token(lora_slots) if has_lora else None,
-            shira_token_slots=per_token(shira_slots) if has_shira else None,
-            has_dora=has_dora,
-            adapter_tables=self.residency.tables if (has_lora or has_shira) else None,
-            pool=self.pool.tensor,
-            adapter_modules=frozenset(targets),
-        )
