@@ -78,7 +78,7 @@ class StepGraphs:
         self.token_buckets = buckets_up_to(max_tokens, TOKEN_BUCKETS) if max_tokens > 0 else ()
         self.max_pages = max_pages
         self.num_seqs = max_batch + 1  # mixed graphs: every real sequence, plus one for pads
-        n = max(self.buckets[-1], *self.token_buckets)
+        n = max((self.buckets[-1], *self.token_buckets))  # no token buckets: decode graphs only
         b, dev = self.num_seqs, model.embed.device
         self.input_ids = torch.zeros(n, dtype=torch.int64, device=dev)
         self.positions = torch.zeros(n, dtype=torch.int64, device=dev)

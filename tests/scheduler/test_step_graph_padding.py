@@ -62,3 +62,18 @@ def test_graphs_launch_only_the_modules_the_batch_targets(tiny_model_dir, adapte
     assert frozenset(index[m] for m in ("q_proj", "k_proj", "v_proj", "o_proj")) \
         in graphs.module_sets
     assert_pool_clean(engine)
+
+
+def test_decode_only_graphs_leave_mixed_steps_eager(tiny_model_dir, adapter_dirs,  # noqa: F811
+                                                    expected):  # noqa: F811
+    """The default (no prefill graphs: no token buckets): decode steps run padded, steps with
+    prefill tokens are left to the eager path, and the tokens are still peft's."""
+    engine = make_engine(tiny_model_dir(ARCH)[1], max_num_seqs=6, max_batched_tokens=64)
+    graphs = static_graphs(engine, 0)
+    register(engine, adapter_dirs)
+    requests = workload(8)
+    outs = engine.generate([p for p, _ in requests], greedy(), [a for _, a in requests])
+    for (p, a), out in zip(requests, outs):
+        assert out.token_ids == expected(a, p), f"adapter {a}, prompt of {len(p)}"
+    assert graphs.num_steps["decode"] > 0 and graphs.num_steps["mixed"] == 0, graphs.num_steps
+    assert_pool_clean(engine)
