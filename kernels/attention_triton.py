@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from loraplex.kernels.dispatch import memoized
+from loraplex.kernels.tuning import Launch, launch
 
 
 @triton.jit
@@ -198,7 +199,6 @@ def _query_blocks(query_start_loc: torch.Tensor, num_tokens: int,
 
 
 MAX_SPLITS = 16
-PROGRAMS_PER_SM = 4  # decode splits the keys until the grid has about this many per SM
 
 
 @cache
@@ -211,13 +211,15 @@ def _num_sms(device: torch.device) -> int:
 def decode_splits(num_seqs: int, num_kv_heads: int, key_capacity: int, block_n: int,
                   device: torch.device) -> int:
     """Key splits for a decode step (flash-decoding): double them while the grid is under
-    PROGRAMS_PER_SM per SM and each split still spans a key block of the tables' capacity.
+    `attention_programs_per_sm` (`tuning.launch`) per SM and each split still spans a key block
+    of the tables' capacity.
 
     Depends only on shapes (the same for every replay of a CUDA graph); a split past a
     context's keys reads nothing and costs one idle program.
     """
     programs, splits = num_seqs * num_kv_heads, 1
-    while (programs * splits < PROGRAMS_PER_SM * _num_sms(device) and splits < MAX_SPLITS
+    per_sm = launch(device).attention_programs_per_sm
+    while (programs * splits < per_sm * _num_sms(device) and splits < MAX_SPLITS
            and 2 * splits * block_n <= key_capacity):
         splits *= 2
     return splits
@@ -225,15 +227,16 @@ def decode_splits(num_seqs: int, num_kv_heads: int, key_capacity: int, block_n: 
 
 def attention_into(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor,
                    v_cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
-                   query_start_loc: torch.Tensor, sm_scale: float, block_n: int = 64,
-                   rows: int | None = None, num_warps: int = 4,
+                   query_start_loc: torch.Tensor, sm_scale: float, block_n: int | None = None,
+                   rows: int | None = None, num_warps: int | None = None,
                    splits: int | None = None) -> None:
     """paged_attention_ref's result written into out [T, H_q, D] (every query row is written).
 
     Decode steps (T == B, one query per sequence) run one program per sequence and KV head,
     with the keys split in `splits` shares (None: `decode_splits`) whose partial results a
     second launch combines; other steps map query blocks to programs (`_query_blocks`) and
-    split only when asked.
+    split only when asked. block_n, num_warps: None takes `tuning.launch`'s for decode steps,
+    64 keys and 4 warps for the others.
     """
     num_tokens, num_heads, head_dim = q.shape
     num_seqs, num_kv_heads = context_lens.shape[0], k_cache.shape[2]
@@ -248,6 +251,8 @@ def attention_into(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor,
     per_sequence = num_tokens == num_seqs
     rows = rows or (16 if per_sequence else 64)
     block_m = max(1, rows // block_g)
+    tuned = launch(q.device) if per_sequence else Launch()
+    block_n, num_warps = block_n or tuned.attention_block_n, num_warps or tuned.attention_warps
     if per_sequence:
         block_seq = block_first = context_lens  # unused
         grid = num_seqs

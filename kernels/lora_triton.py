@@ -32,6 +32,7 @@ from loraplex.kernels.lora_triton_common import (  # noqa: F401 (MAX_SLICES: pub
     slot_scalars,
     vec_width,
 )
+from loraplex.kernels.tuning import launch
 
 
 @triton.jit
@@ -98,27 +99,34 @@ def _expand_kernel(h_ptr, pool_ptr, rows_ptr, ranks_ptr, scales_ptr, slots_ptr, 
 # ---- launchers ----------------------------------------------------------------------------------
 
 def shrink_split_k(num_tokens: int, num_slices: int, max_rank: int, d_in: int,
-                   device: torch.device, block_r: int = 16, block_k: int = 256) -> int:
-    """Split d_in until the grid has ~4 programs per SM (small decode batches)."""
+                   device: torch.device, block_r: int = 16, block_k: int | None = None) -> int:
+    """Split d_in until the grid has about `shrink_programs_per_sm` programs per SM (small
+    decode batches), each part at least two blocks of d_in."""
+    tuned = launch(device)
+    block_k = block_k or tuned.shrink_block_k
     programs = num_tokens * num_slices * triton.cdiv(max_rank, block_r)
     split = 1
-    while programs * split < 4 * num_sms(device) and split * 2 * block_k <= d_in:
+    while (programs * split < tuned.shrink_programs_per_sm * num_sms(device)
+           and split * 2 * block_k <= d_in):
         split *= 2
     return split
 
 
 def shrink_partials_into(partials: torch.Tensor, x: torch.Tensor, pool_flat: torch.Tensor,
                          a_rows: torch.Tensor, ranks: torch.Tensor, token_slots: torch.Tensor,
-                         block_r: int = 16, block_k: int = 256, num_warps: int = 4) -> None:
+                         block_r: int = 16, block_k: int | None = None,
+                         num_warps: int | None = None) -> None:
     """Decode shrink of NS slices with d_in split in SPLIT parts: partials [SPLIT, NS, T, R] fp32
     (last dim contiguous), plane s holding part s's sums; the planes add up to h [NS, T, R].
 
     Every element is written (zeros past a rank, without adapter, or for a part past d_in), so
-    `partials` may come from torch.empty.
+    `partials` may come from torch.empty. block_k, num_warps: None takes `tuning.launch`'s.
     """
     split_k, num_slices, num_tokens, max_rank = partials.shape
     if num_tokens == 0 or max_rank == 0:
         return
+    tuned = launch(x.device)
+    block_k, num_warps = block_k or tuned.shrink_block_k, num_warps or tuned.shrink_warps
     assert partials.stride(3) == 1, f"partials strides {partials.stride()}: last must be 1"
     a_rows, ranks = row_tables(a_rows, ranks)
     x = x if x.stride(1) == 1 else x.contiguous()
@@ -132,7 +140,8 @@ def shrink_partials_into(partials: torch.Tensor, x: torch.Tensor, pool_flat: tor
 
 def shrink_into(h: torch.Tensor, x: torch.Tensor, pool_flat: torch.Tensor, a_rows: torch.Tensor,
                 ranks: torch.Tensor, token_slots: torch.Tensor, split_k: int = 1,
-                block_r: int = 16, block_k: int = 256, num_warps: int = 4) -> None:
+                block_r: int = 16, block_k: int | None = None,
+                num_warps: int | None = None) -> None:
     """Decode shrink of NS slices into h [NS, T, R] fp32 (last dim contiguous), every element
     written. split_k > 1 sums `shrink_partials_into`'s planes into h: one launch more, which
     `lora_apply_triton` saves by handing the planes to the expand."""
@@ -180,20 +189,24 @@ def lora_expand_slices_triton(h: torch.Tensor, pool_flat: torch.Tensor, b_rows: 
                               ranks: torch.Tensor, scales: torch.Tensor,
                               token_slots: torch.Tensor, out: torch.Tensor,
                               slice_sizes: tuple[int, ...] | None = None,
-                              g_rows: torch.Tensor | None = None, block_n: int = 128,
-                              block_r: int = 16, num_warps: int = 4) -> None:
+                              g_rows: torch.Tensor | None = None, block_n: int | None = None,
+                              block_r: int | None = None, num_warps: int | None = None) -> None:
     """`lora_expand_ref` for NS slices at once, each adding to its column range of `out`.
 
     h: [NS, T, R] fp32, or the shrink's split-K partials [SPLIT, NS, T, R] (summed);
     b_rows: [NS, S, R]; ranks, scales (and DoRA's g_rows, optional): [NS, S];
     out: [T, sum(slice_sizes)], written in place; with g_rows, out[t] of a DoRA slot is then
-    scaled by g (dora_scale_ref fused into the epilogue).
+    scaled by g (dora_scale_ref fused into the epilogue). block_n, block_r, num_warps: None
+    takes `tuning.launch`'s.
     """
     planes = h if h.dim() == 4 else h[None]  # [SPLIT, NS, T, R]
     num_slices, num_tokens = planes.shape[1], planes.shape[2]
     sizes = padded_slice_sizes(out, slice_sizes, num_slices)
     if num_tokens == 0 or max(sizes) == 0:
         return
+    tuned = launch(out.device)
+    block_n, block_r = block_n or tuned.expand_block_n, block_r or tuned.expand_block_r
+    num_warps = num_warps or tuned.expand_warps
     b_rows, ranks = row_tables(b_rows, ranks)
     scales = scales.contiguous()
     g, stride_gn, stride_gs = g_row_args(g_rows, ranks)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from loraplex.kernels import dispatch
+from loraplex.kernels import dispatch, tuning
 from loraplex.kernels.attention import paged_attention_ref
 from loraplex.kernels.lora import (
     lora_expand_ref,
@@ -326,7 +326,8 @@ def main(argv: list[str] | None = None) -> None:
     bandwidth = copy_bandwidth(device)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"{device_name}: copy bandwidth {bandwidth / 1e9:.0f} GB/s; "
-          f"triton: {dispatch.use_triton(device)}", flush=True)
+          f"triton: {dispatch.use_triton(device)}; launch parameters off the defaults: "
+          f"{tuning.launch(device).changed()}", flush=True)
     rows: list[dict] = []
     failed: list[str] = []
     parts = (("lora", lambda: bench_lora(dims, dtype, device, bandwidth, not args.no_ref)),

@@ -3,8 +3,10 @@
 For decode attention (batches 1 to 128, key blocks, warps and key splits) and the decode LoRA shrink/expand (batch 64, 64
 distinct adapters of ranks 8–64), times each (block size, warps) choice as one call inside a
 CUDA graph over rotating input sets, next to the bytes it must move over the measured copy
-bandwidth. It reports; it changes no default. Every choice computes the same function (the
-interpreter tests cover block sizes); `--check` compares each result with the reference once.
+bandwidth. It changes no default: `--tuned FILE` writes a `kernels.tuning` table of the fastest
+choices at batch 64, which LORAPLEX_KERNEL_TUNING=FILE puts in force (or, committed as
+kernels/tuned/<GPU name>.json, makes that GPU's default). Every choice computes the same function
+(the interpreter tests cover block sizes); `--check` compares each result with the reference once.
 
     python -m loraplex.loadtest.bench_sweep --out DIR      (kernels_sweep.json / .md)
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import time
 from pathlib import Path
 
@@ -20,6 +23,7 @@ import torch
 
 from loraplex.kernels.attention import paged_attention_ref
 from loraplex.kernels.lora import lora_expand_ref
+from loraplex.kernels.tuning import Launch
 from loraplex.loadtest.bench_kernels import (
     LLAMA3_8B,
     TINY,
@@ -78,6 +82,7 @@ def sweep_attention(dims, dtype, device, bandwidth, check: bool) -> list[dict]:
                 err = ((out.float() - want.float()).norm() / want.float().norm()).item()
             rows.append(dict(kernel="attention_decode", batch=batch, block_n=block_n,
                              num_warps=warps, splits=chosen, default=splits is None,
+                             programs=batch * dims.num_kv_heads,
                              ms=ms, of_copy_bw=nbytes / (ms * 1e-3) / bandwidth, rel_err=err))
         del sets
     return rows
@@ -113,6 +118,7 @@ def sweep_lora(dims, dtype, device, bandwidth, check: bool, batch: int = 64) -> 
                 err = ((shrink(*sets[0]).sum(0)[0] - h).norm() / h.norm()).item()
             rows.append(dict(kernel="lora_shrink", module=module, batch=batch, block=block_k,
                              num_warps=warps, split_k=split, ms=ms,
+                             programs=batch * -(-max_rank // 16),
                              of_copy_bw=shrink_bytes / (ms * 1e-3) / bandwidth, rel_err=err))
         for block_n, warps, block_r in itertools.product((64, 128, 256), (2, 4, 8), (16, 32)):
             def expand(p, x, h, out, block_n=block_n, warps=warps, block_r=block_r):
@@ -136,6 +142,55 @@ def sweep_lora(dims, dtype, device, bandwidth, check: bool, batch: int = 64) -> 
     return rows
 
 
+MAX_REL_ERR = 2e-2  # bf16; a choice over it is never picked
+
+
+def fastest(rows: list[dict], keys: tuple[str, ...]) -> dict | None:
+    """The choice (values of `keys`) with the least total ms over `rows` among those timed for
+    every module of the rows and within MAX_REL_ERR of the reference wherever checked (None if
+    no choice is: off CUDA nothing is timed)."""
+    totals: dict[tuple, float] = {}
+    counts: dict[tuple, int] = {}
+    for r in rows:
+        choice = tuple(r[k] for k in keys)
+        bad = r.get("rel_err") is not None and not r["rel_err"] <= MAX_REL_ERR
+        totals[choice] = totals.get(choice, 0.0) + (float("nan") if bad else r["ms"])
+        counts[choice] = counts.get(choice, 0) + 1
+    modules = max(counts.values(), default=0)
+    timed = [(t, c) for c, t in totals.items() if counts[c] == modules and t == t]  # not NaN
+    return dict(zip(keys, min(timed)[1])) if timed else None
+
+
+def programs_per_sm(programs: int, splits: int, num_sms: int) -> float:
+    """The grid target for which the split heuristics (`decode_splits`, `shrink_split_k`: double
+    while programs · splits < target · SMs) stop at `splits` for `programs` programs."""
+    return round(programs * (splits - 0.5) / num_sms, 3)
+
+
+def tuned_table(rows: list[dict], num_sms: int, batch: int = 64) -> dict:
+    """A `kernels.tuning` table of the fastest choices at `batch` (the issue's goals are there):
+    each kernel's fastest (block, warps[, split]) as measured, summed over the modules swept."""
+    table: dict = {}
+    def of(kernel: str) -> list[dict]:
+        return [r for r in rows if r["kernel"] == kernel and r["batch"] == batch]
+
+    best = fastest(of("attention_decode"), ("block_n", "num_warps", "splits", "programs"))
+    if best:
+        table.update(attention_block_n=best["block_n"], attention_warps=best["num_warps"],
+                     attention_programs_per_sm=programs_per_sm(best["programs"], best["splits"],
+                                                               num_sms))
+    best = fastest(of("lora_shrink"), ("block", "num_warps", "split_k", "programs"))
+    if best:
+        table.update(shrink_block_k=best["block"], shrink_warps=best["num_warps"],
+                     shrink_programs_per_sm=programs_per_sm(best["programs"], best["split_k"],
+                                                            num_sms))
+    best = fastest(of("lora_expand"), ("block", "num_warps", "block_r"))
+    if best:
+        table.update(expand_block_n=best["block"], expand_warps=best["num_warps"],
+                     expand_block_r=best["block_r"])
+    return table
+
+
 def table(rows: list[dict], bandwidth: float) -> str:
     keys = ["kernel", "module", "batch", "block", "block_n", "block_r", "num_warps", "split_k",
             "splits", "ms", "of_copy_bw", "rel_err"]
@@ -157,6 +212,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes (interpreter on CPU)")
     parser.add_argument("--check", action="store_true", help="compare each choice with the ref")
+    parser.add_argument("--tuned", type=Path, default=None,
+                        help="write a kernels.tuning table of the fastest choices at batch 64")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dims = TINY if args.smoke else LLAMA3_8B
@@ -172,6 +229,16 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[{name}: {time.perf_counter() - t0:.0f} s]", flush=True)
     write_outputs(args.out, "kernels_sweep", dict(copy_bandwidth=bandwidth, rows=rows),
                   table(rows, bandwidth))
+    if args.tuned is not None and rows:
+        from loraplex.kernels.lora_triton_common import num_sms
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        tuned = dict(device=name, source=f"loadtest/bench_sweep.py --tuned, "
+                     f"{time.strftime('%Y-%m-%d')}: fastest at batch 64, Llama-3-8B shapes, bf16")
+        tuned.update(tuned_table(rows, num_sms(device)))
+        Launch.from_dict(tuned, str(args.tuned))  # a table the kernels accept
+        args.tuned.parent.mkdir(parents=True, exist_ok=True)
+        args.tuned.write_text(json.dumps(tuned, indent=1) + "\n")
+        print(f"tuned table → {args.tuned}: {json.dumps(tuned)}", flush=True)
 
 
 if __name__ == "__main__":

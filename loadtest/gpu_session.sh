@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call for the engine's GPU path (issues 4 and 5), stages in order of importance
-# (STAGES picks and orders them; default: kernels engine bf16 bench sweep, about 8 minutes; under
-# a 600 s limit per device call, run STAGES="kernels engine bf16", then STAGES="bench sweep"):
+# (STAGES picks and orders them; default: kernels engine bf16 bench sweep tuned pack, about 9
+# minutes; under a 600 s limit per device call, run STAGES="kernels engine bf16", then
+# STAGES="bench sweep tuned pack"):
 #   kernels every Triton twin vs its reference at small and Llama-3-8B shapes, fp32/fp16/bf16
 #           (LoRA, DoRA, SHiRA, attention with key splits, fused norm/RoPE/SiLU) → $OUT/kernels.log
 #   engine  fp32 engine tests on the Triton path with CUDA graphs (parity with transformers +
@@ -10,13 +11,18 @@
 #   bf16    bf16 parity                                                 → $OUT/engine_bf16.log
 #   bench   kernel and decode-step benchmarks, no reference timings     → $OUT/kernels.md/.json
 #   sweep   launch-parameter sweep of the decode kernels, each checked  → $OUT/kernels_sweep.*
+#           and the fastest choices at batch 64 as a kernels.tuning table → $OUT/kernels_tuned.json
+#   tuned   the LoRA, attention and decode-step benchmarks again with that table in force
+#           (LORAPLEX_KERNEL_TUNING)                                      → $OUT/tuned/kernels.*
+#   pack    everything under $OUT in one archive, $OUT/gpu_session.tgz (the device tool brings
+#           back at most 8 files)
 # Run from the repository root:  OUT=gpu_out STAGES="engine bench" bash loadtest/gpu_session.sh
-# (KERNELS_TIMEOUT, LOAD_BUDGET, RATES, LOAD_FLAGS, BENCH_TIMEOUT, SWEEP_TIMEOUT tune the stages;
+# (KERNELS_TIMEOUT, LOAD_BUDGET, RATES, LOAD_FLAGS, BENCH_TIMEOUT, SWEEP_TIMEOUT, TUNED_TIMEOUT tune the stages;
 # STAGES="" runs none)
 set -u
 LOAD_BUDGET=${LOAD_BUDGET:-140}
 RATES=${RATES:-4,8,16,32,64}
-STAGES=${STAGES-kernels engine bf16 bench sweep}
+STAGES=${STAGES-kernels engine bf16 bench sweep tuned pack}
 source "$(dirname "$0")/gpu_env.sh"
 start=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - start )) s] $*" | tee -a "$OUT/summary.txt"; }
@@ -54,7 +60,17 @@ for stage in $STAGES; do
         stamp "bench rc=$?"; tail -n 70 "$OUT/bench.log" ;;
     sweep)
         timeout ${SWEEP_TIMEOUT:-180} "$PY" -m loraplex.loadtest.bench_sweep --check --out "$OUT" \
-            > "$OUT/sweep.log" 2>&1
-        stamp "sweep rc=$?"; grep -E "failed|\[" "$OUT/sweep.log" ;;
+            --tuned "$OUT/kernels_tuned.json" > "$OUT/sweep.log" 2>&1
+        stamp "sweep rc=$?"; grep -E "failed|\[|tuned" "$OUT/sweep.log" ;;
+    tuned)
+        if [ ! -f "$OUT/kernels_tuned.json" ]; then stamp "tuned: no table"; continue; fi
+        LORAPLEX_KERNEL_TUNING="$OUT/kernels_tuned.json" timeout ${TUNED_TIMEOUT:-100} "$PY" \
+            -m loraplex.loadtest.bench_kernels --no-ref --skip prefill,fused --out "$OUT/tuned" \
+            > "$OUT/tuned.log" 2>&1
+        stamp "tuned rc=$?"; tail -n 40 "$OUT/tuned.log" ;;
+    pack)
+        tar czf /tmp/gpu_session.tgz -C "$OUT" . && find "$OUT" -mindepth 1 -delete \
+            && mv /tmp/gpu_session.tgz "$OUT/"
+        echo "pack rc=$?" ;;
     esac
 done

@@ -18,6 +18,7 @@ import torch
 pytest.importorskip("triton")
 
 from loraplex.kernels.attention import paged_attention_ref, write_kv_ref  # noqa: E402
+from loraplex.kernels.tuning import launch  # noqa: E402
 from tests.kernels.triton_helpers import (  # noqa: E402
     DEVICE,
     DTYPES,
@@ -137,9 +138,9 @@ def test_split_keys_match_reference(case: AttentionCase, splits: int | None,
     (1, 8, 8192), (3, 2, 8192), (64, 8, 1024), (1, 1, 100), (1, 1, 256), (1024, 8, 8192)])
 def test_decode_splits_fill_the_grid_from_shapes_only(num_seqs: int, kv_heads: int,
                                                       capacity: int) -> None:
-    """The fewest power-of-two splits (≤ 16) that give ~4 programs per SM, each spanning at
-    least one key block (64) of the tables' capacity."""
-    target = attn_t.PROGRAMS_PER_SM * attn_t._num_sms(DEVICE)
+    """The fewest power-of-two splits (≤ 16) that give the tuned programs per SM, each spanning
+    at least one key block (64) of the tables' capacity."""
+    target = launch(DEVICE).attention_programs_per_sm * attn_t._num_sms(DEVICE)
     splits = attn_t.decode_splits(num_seqs, kv_heads, capacity, 64, DEVICE)
     assert splits in (1, 2, 4, 8, 16) and splits * 64 <= max(capacity, 64)
     programs = num_seqs * kv_heads
