@@ -146,18 +146,20 @@ MAX_REL_ERR = 2e-2  # bf16; a choice over it is never picked
 
 
 def fastest(rows: list[dict], keys: tuple[str, ...]) -> dict | None:
-    """The choice (values of `keys`) with the least total ms over `rows` among those timed for
-    every module of the rows and within MAX_REL_ERR of the reference wherever checked (None if
-    no choice is: off CUDA nothing is timed)."""
-    totals: dict[tuple, float] = {}
-    counts: dict[tuple, int] = {}
+    """The choice (values of `keys`) with the least total ms over the modules of `rows` (a
+    choice timed twice for one module counts its faster time) among those timed for every
+    module and within MAX_REL_ERR of the reference wherever checked (None if no choice is: off
+    CUDA nothing is timed)."""
+    modules = {r.get("module") for r in rows}
+    per_module: dict[tuple, dict] = {}
     for r in rows:
-        choice = tuple(r[k] for k in keys)
         bad = r.get("rel_err") is not None and not r["rel_err"] <= MAX_REL_ERR
-        totals[choice] = totals.get(choice, 0.0) + (float("nan") if bad else r["ms"])
-        counts[choice] = counts.get(choice, 0) + 1
-    modules = max(counts.values(), default=0)
-    timed = [(t, c) for c, t in totals.items() if counts[c] == modules and t == t]  # not NaN
+        ms = float("nan") if bad else r["ms"]
+        times = per_module.setdefault(tuple(r[k] for k in keys), {})
+        module = r.get("module")
+        times[module] = ms if module not in times else min(times[module], ms)
+    timed = [(sum(t.values()), c) for c, t in per_module.items()
+             if set(t) == modules and all(v == v for v in t.values())]  # v != v: NaN
     return dict(zip(keys, min(timed)[1])) if timed else None
 
 

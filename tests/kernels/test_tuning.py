@@ -140,6 +140,17 @@ class TestTables:
         assert tuned_table(rows, 132) == dict(expand_block_n=block, expand_warps=warps,
                                               expand_block_r=16)
 
+    def test_sweep_table_counts_a_choice_timed_twice_once(self) -> None:
+        """Attention times its default split count twice (in the block sweep and in the split
+        sweep): that choice must not win for having more rows."""
+        def row(block_n: int, splits: int, ms: float) -> dict:
+            return dict(kernel="attention_decode", batch=64, block_n=block_n, num_warps=4,
+                        splits=splits, programs=512, ms=ms, rel_err=None)
+        rows = [row(64, 2, 0.116), row(64, 2, 0.118), row(32, 2, 0.112), row(64, 4, 0.12)]
+        table = tuned_table(rows, 132)
+        assert table["attention_block_n"] == 32
+        assert table["attention_programs_per_sm"] == programs_per_sm(512, 2, 132)
+
 
 # ---- the kernels under a table far from the defaults ------------------------------------------
 
