@@ -5,9 +5,9 @@ A table is a JSON object holding some of `Launch`'s fields (and, to document it,
 "source"); `python -m loraplex.loadtest.bench_sweep --tuned FILE` writes one from its timings.
 The table in force is the first of: the file named by LORAPLEX_KERNEL_TUNING (on any device, so
 that the interpreter tests run tables too), for a CUDA device the file shipped for its name
-(`kernels/tuned/<name>.json`), the defaults. Every
-choice computes the same function (the interpreter tests cover the block sizes); only the
-speed differs. Read once per device; `launch.cache_clear()` re-reads.
+(`kernels/tuned/<name>.json`), the defaults. Every choice computes the same function (the
+interpreter tests cover the block sizes); only the speed differs. Read once per device;
+`launch.cache_clear()` re-reads.
 """
 
 from __future__ import annotations

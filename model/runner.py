@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from loraplex.kernels.dispatch import use_triton
+from loraplex.kernels.tuning import launch
 from loraplex.memory.kv import KVLayout
 from loraplex.model.config import module_indices
 from loraplex.model.graphs import StepGraphs
@@ -34,6 +35,8 @@ class ModelRunner:
         self._pool_ptr: int | None = None
         device = model.embed.device
         self.triton = use_triton(device)
+        if self.triton:  # a bad tuning table fails here, at start-up, not in a step
+            launch(device)
         self.graphs = StepGraphs(model, max_batch, max_pages, max_tokens) \
             if cuda_graphs and self.triton and device.type == "cuda" and max_pages > 0 else None
         self.shira = ShiraFusion(model)

@@ -18,9 +18,11 @@ import torch
 pytest.importorskip("triton")
 
 from loraplex.kernels import tuning  # noqa: E402
+from loraplex.kernels.dispatch import KERNELS_ENV  # noqa: E402
 from loraplex.kernels.attention import paged_attention_ref  # noqa: E402
 from loraplex.kernels.lora import lora_expand_ref, lora_shrink_ref  # noqa: E402
 from loraplex.loadtest.bench_sweep import programs_per_sm, tuned_table  # noqa: E402
+from tests.conftest import make_engine  # noqa: E402
 from tests.kernels.test_triton_attention import AttentionCase, make_kv  # noqa: E402
 from tests.kernels.test_triton_kernels import make_lora_pool  # noqa: E402
 from tests.kernels.triton_helpers import (  # noqa: E402
@@ -101,6 +103,14 @@ class TestTables:
             data = json.loads(path.read_text())
             tuning.Launch.from_dict(data, str(path))
             assert tuning.device_file(data["device"]) == path
+
+    def test_a_bad_table_fails_the_engine_at_start_up(self, table_in_force, tiny_model_dir,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+        """Not at its first step, inside the engine loop."""
+        table_in_force(dict(expand_block_n=3))
+        monkeypatch.setenv(KERNELS_ENV, "triton")
+        with pytest.raises(ValueError, match="expand_block_n = 3"):
+            make_engine(tiny_model_dir("llama")[1])
 
     def test_device_file_name(self) -> None:
         assert tuning.device_file("NVIDIA H100 80GB HBM3").name == "NVIDIA_H100_80GB_HBM3.json"
