@@ -1,7 +1,7 @@
 """Benchmarks of the fused elementwise kernels (`kernels/fused.py`): RMSNorm, residual add +
 RMSNorm, RoPE on q and k (alone and with the K/V write), SiLU-and-multiply, each its Triton twin
-against its torch reference (a chain of small launches), inside CUDA graphs, next to the bytes
-it must move over the copy bandwidth. Run as part of `bench_kernels` (`--skip fused` leaves it
+against its torch reference (a chain of small launches), inside CUDA graphs (16 calls per
+replay), next to the bytes it must move over the copy bandwidth. Run as part of `bench_kernels` (`--skip fused` leaves it
 out).
 """
 
@@ -18,6 +18,18 @@ from loraplex.kernels.fused import (
     silu_mul_ref,
 )
 from loraplex.loadtest.bench_kernels import Dims, graph_time
+
+
+CALLS_PER_REPLAY = 16
+
+
+def per_call(fn, args: tuple, device: torch.device) -> float:
+    """ms of one call inside a graph of CALLS_PER_REPLAY calls, as in a step's graph (a graph of
+    one small kernel would time mostly the graph's own launch, several µs)."""
+    def calls() -> None:
+        for _ in range(CALLS_PER_REPLAY):
+            fn(*args)
+    return graph_time(calls, device) / CALLS_PER_REPLAY
 
 
 def bench_fused(dims: Dims, dtype: torch.dtype, device: torch.device, bandwidth: float,
@@ -52,9 +64,8 @@ def bench_fused(dims: Dims, dtype: torch.dtype, device: torch.device, bandwidth:
         )
         for name, ref, args, numel in cases:
             twin = dispatch.pick(ref, device)
-            ms = graph_time(lambda twin=twin, args=args: twin(*args), device)
-            ref_ms = graph_time(lambda ref=ref, args=args: ref(*args), device) \
-                if with_ref else float("nan")
+            ms = per_call(twin, args, device)
+            ref_ms = per_call(ref, args, device) if with_ref else float("nan")
             rows.append(dict(kernel=name, module=f"hidden{hidden}", batch=tokens, adapters=0,
                              ms=float("nan"), graph_ms=ms, ref_ms=ref_ms,
                              of_copy_bw=numel * elem / (ms * 1e-3) / bandwidth))

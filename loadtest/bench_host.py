@@ -6,7 +6,8 @@ of ranks 8–64 decode together, and each step's time is split into the forward
 (`ModelRunner.run`) and the rest. Measured twice in one process: as it comes, then after
 `freeze_heap()` (what `loraplex serve` does once set up).
 
-    python -m loraplex.loadtest.bench_host [--batches 64,128,256] [--steps 30] [--out DIR]
+    python -m loraplex.loadtest.bench_host [--batches 64,128,256] [--steps 30]
+        [--output-tokens N] [--out DIR]     (N: tokens each sequence has generated before)
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ def measure(engine: Engine, num_steps: int) -> tuple[float, float]:
     return total / num_steps * 1e3, forward[0] / num_steps * 1e3
 
 
-def bench(root: Path, batch: int, num_adapters: int, num_steps: int) -> dict:
+def bench(root: Path, batch: int, num_adapters: int, num_steps: int,
+          output_tokens: int = 0) -> dict:
     gen = torch.Generator().manual_seed(0)
     model_dir = write_random_model(root / "model", model_shape(True), torch.float32, gen, 2)
     cfg = ModelConfig.from_dir(model_dir)
@@ -68,13 +70,14 @@ def bench(root: Path, batch: int, num_adapters: int, num_steps: int) -> dict:
     names = list(paths)
     for name in names:
         engine.add_adapter(name, paths[name])
-    params = SamplingParams(max_tokens=10 + 2 * num_steps + 10, temperature=0, ignore_eos=True)
+    params = SamplingParams(max_tokens=output_tokens + 10 + 2 * num_steps + 10, temperature=0,
+                            ignore_eos=True)
     for i in range(batch):
         engine.add_request([(7 * i + j) % cfg.vocab_size for j in range(16)], params,
                            names[i % len(names)], f"r{i}")
-    for _ in range(5):  # prefill and adapter loads: every sequence decodes from here on
+    for _ in range(5 + output_tokens):  # prefill, adapter loads, then outputs of that length
         engine.step()
-    row = {"batch": batch}
+    row = {"batch": batch, "output_tokens": output_tokens}
     for label in ("as_is", "frozen"):
         if label == "frozen":
             freeze_heap()
@@ -90,17 +93,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batches", default="64,128,256")
     parser.add_argument("--adapters", type=int, default=64)
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--output-tokens", type=int, default=0,
+                        help="tokens each sequence generates before the measured steps")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for batch in (int(b) for b in args.batches.split(",")):
-            rows.append(bench(Path(tmp), batch, args.adapters, args.steps))
+            rows.append(bench(Path(tmp), batch, args.adapters, args.steps, args.output_tokens))
             print(json.dumps(rows[-1]), flush=True)
-    lines = ["| sequences | host ms/step | host ms/step after freeze_heap | forward ms/step |",
-             "|---|---|---|---|"]
+    lines = ["| sequences | output tokens | host ms/step | host ms/step after freeze_heap | "
+             "forward ms/step |", "|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['batch']} | {r['as_is']['host_ms']:.2f} | "
+        lines.append(f"| {r['batch']} | {r['output_tokens']} | {r['as_is']['host_ms']:.2f} | "
                      f"{r['frozen']['host_ms']:.2f} | {r['as_is']['forward_ms']:.2f} |")
     write_outputs(args.out, "bench_host", rows, "\n".join(lines))
 

@@ -80,16 +80,18 @@ class StepGraphs:
         self.num_seqs = max_batch + 1  # mixed graphs: every real sequence, plus one for pads
         n = max((self.buckets[-1], *self.token_buckets))  # no token buckets: decode graphs only
         b, dev = self.num_seqs, model.embed.device
-        self.input_ids = torch.zeros(n, dtype=torch.int64, device=dev)
-        self.positions = torch.zeros(n, dtype=torch.int64, device=dev)
-        self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=dev)
-        self.token_slots = torch.full((n,), -1, dtype=torch.int64, device=dev)
-        self.shira_slots = torch.full((n,), -1, dtype=torch.int64, device=dev)
-        self.block_tables = torch.zeros(b, max_pages, dtype=torch.int32, device=dev)
-        self.context_lens = torch.zeros(b, dtype=torch.int32, device=dev)
-        self.query_start_loc = torch.arange(b + 1, dtype=torch.int32, device=dev)
-        self.seg_slots = torch.full((b,), -1, dtype=torch.int64, device=dev)
-        self.logits_indices = torch.arange(b, dtype=torch.int64, device=dev)
+        # The static inputs, one flat buffer per dtype, each filled by one copy per step from a
+        # pinned host twin (`_Staged`); block_tables last, so a step copies only its rows.
+        self._i64 = _Staged(dict(input_ids=(n, 0), positions=(n, 0), slot_mapping=(n, -1),
+                                 token_slots=(n, -1), shira_slots=(n, -1),
+                                 logits_indices=(b, "arange"), seg_slots=(b, -1)),
+                            torch.int64, dev, pin=capture)
+        self._i32 = _Staged(dict(context_lens=(b, 0), query_start_loc=(b + 1, "arange"),
+                                 block_tables=(b * max_pages, 0)),
+                            torch.int32, dev, pin=capture)
+        for name, view in (*self._i64.views.items(), *self._i32.views.items()):
+            setattr(self, name, view)
+        self.block_tables = self.block_tables.view(b, max_pages)
         # Decode graphs: sequence i is token i, and every token samples (never overwritten).
         self.decode_starts = torch.arange(n + 1, dtype=torch.int32, device=dev)
         self.decode_rows = torch.arange(n, dtype=torch.int64, device=dev)
@@ -151,41 +153,37 @@ class StepGraphs:
         self.module_sets.add(modules)
         return modules
 
-    def _put(self, dst: torch.Tensor, src: torch.Tensor, end: int, pad: int) -> None:
-        """dst[:len(src)] = src; dst[len(src):end] = pad."""
-        n = src.shape[0]
-        dst[:n].copy_(src.to(dst.device, non_blocking=True))
-        dst[n:end].fill_(pad)
-
     def _fill_common(self, batch: "Batch", num_tokens: int, num_seqs: int) -> None:
-        put = self._put
-        put(self.input_ids, batch.input_ids, num_tokens, 0)
-        put(self.positions, batch.positions, num_tokens, 0)
-        put(self.slot_mapping, batch.slot_mapping, num_tokens, -1)  # pads write no KV
-        put(self.context_lens, batch.context_lens, num_seqs, 0)  # pads attend to nothing
+        i64, i32 = self._i64, self._i32
+        i64.wait_host()
+        i32.wait_host()
+        i64.put("input_ids", batch.input_ids, num_tokens, 0)
+        i64.put("positions", batch.positions, num_tokens, 0)
+        i64.put("slot_mapping", batch.slot_mapping, num_tokens, -1)  # pads write no KV
         if batch.lora_token_slots is not None:
-            put(self.token_slots, batch.lora_token_slots, num_tokens, -1)
+            i64.put("token_slots", batch.lora_token_slots, num_tokens, -1)
         if batch.shira_token_slots is not None:
-            put(self.shira_slots, batch.shira_token_slots, num_tokens, -1)
-        width = batch.block_tables.shape[1]
-        self.block_tables[:num_seqs].zero_()
-        self.block_tables[:len(batch.seq_ids), :width].copy_(
-            batch.block_tables.to(self.block_tables.device, non_blocking=True))
+            i64.put("shira_slots", batch.shira_token_slots, num_tokens, -1)
+        i32.put("context_lens", batch.context_lens, num_seqs, 0)  # pads attend to nothing
+        rows = i32.host_view("block_tables", num_seqs * self.max_pages).view(num_seqs, -1)
+        rows.zero_()
+        rows[:len(batch.seq_ids), :batch.block_tables.shape[1]] = batch.block_tables
 
     def _fill_decode(self, batch: "Batch", bucket: int) -> None:
         """Decode rows num_seqs..bucket are pads (starts and logits rows: `decode_*`)."""
         self._fill_common(batch, bucket, bucket)
+        self._i64.flush()
+        self._i32.flush()
 
     def _fill_mixed(self, batch: "Batch", num_tokens: int) -> None:
         """Sequence B owns pad tokens T..Tb; sequences past it are empty."""
-        b = len(batch.seq_ids)
         self._fill_common(batch, num_tokens, self.num_seqs)
-        starts = torch.full((self.num_seqs + 1,), num_tokens, dtype=torch.int32)
-        starts[:b + 1] = batch.query_start_loc
-        self.query_start_loc.copy_(starts.to(self.query_start_loc.device, non_blocking=True))
-        self._put(self.logits_indices, batch.logits_indices, self.num_seqs, 0)
+        self._i32.put("query_start_loc", batch.query_start_loc, self.num_seqs + 1, num_tokens)
+        self._i64.put("logits_indices", batch.logits_indices, self.num_seqs, 0)
         if batch.lora_token_slots is not None:
-            self._put(self.seg_slots, batch.lora_sequence_slots(), self.num_seqs, -1)
+            self._i64.put("seg_slots", batch.lora_sequence_slots(), self.num_seqs, -1)
+        self._i64.flush()
+        self._i32.flush()
 
     def _context(self, decode: bool, size: int, kv_caches: list, pool_flat: torch.Tensor,
                  tables: object | None, lora: bool,
@@ -233,6 +231,56 @@ class StepGraphs:
         logger.info("captured a %s graph for %d %s%s in %.0f ms", key[0], size,
                     "sequences" if key[0] == "decode" else "tokens",
                     _adapters_note(key), (time.perf_counter() - t0) * 1e3)
+
+
+class _Staged:
+    """Static device buffers of one dtype as views of one flat tensor, written on a (pinned, on
+    CUDA) host twin and sent with one copy per step: of the prefix up to the last section the
+    step wrote, so a late section (block tables) costs only the part in use."""
+
+    def __init__(self, sections: dict[str, tuple[int, int | str]], dtype: torch.dtype,
+                 device: torch.device, pin: bool):
+        total = sum(size for size, _ in sections.values())
+        self.host = torch.empty(total, dtype=dtype, pin_memory=pin and device.type == "cuda")
+        self.offsets: dict[str, int] = {}
+        start = 0
+        for name, (size, init) in sections.items():
+            section = self.host[start:start + size]
+            if init == "arange":
+                torch.arange(size, out=section)
+            else:
+                section.fill_(init)
+            self.offsets[name] = start
+            start += size
+        self.device_buf = self.host.to(device, copy=True)
+        self.views = {name: self.device_buf[off:off + sections[name][0]]
+                      for name, off in self.offsets.items()}
+        self.end = 0  # the host prefix this step wrote, copied by `flush`
+        self._sent = torch.cuda.Event() if pin and device.type == "cuda" else None
+
+    def host_view(self, name: str, length: int) -> torch.Tensor:
+        """The host twin of section `name`'s first `length` elements, marked for the copy."""
+        start = self.offsets[name]
+        self.end = max(self.end, start + length)
+        return self.host[start:start + length]
+
+    def put(self, name: str, src: torch.Tensor, end: int, pad: int) -> None:
+        """section[:len(src)] = src; section[len(src):end] = pad (on the host)."""
+        view, n = self.host_view(name, end), src.shape[0]
+        view[:n] = src
+        view[n:].fill_(pad)
+
+    def wait_host(self) -> None:
+        """Before writing the host twin: the last step's copy must have read it."""
+        if self._sent is not None:
+            self._sent.synchronize()
+
+    def flush(self) -> None:
+        if self.end:
+            self.device_buf[:self.end].copy_(self.host[:self.end], non_blocking=True)
+            if self._sent is not None:
+                self._sent.record()
+        self.end = 0
 
 
 def _adapters_note(key: GraphKey) -> str:

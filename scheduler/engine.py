@@ -41,6 +41,7 @@ from loraplex.scheduler.errors import (
     UnknownAdapterError,
 )
 from loraplex.scheduler.request import (
+    Prefix,
     Request,
     RequestOutput,
     RequestStatus,
@@ -368,14 +369,15 @@ class Engine:
         return RequestOutput(
             request_id=seq.request.request_id,
             num_prompt_tokens=len(seq.request.prompt_ids),
-            token_ids=list(seq.output_ids),
+            # The final output owns its lists; a running one reads the sequence's in place.
+            token_ids=list(seq.output_ids) if finished else Prefix(seq.output_ids),
             new_token_ids=new_ids,
             text=text or "",
             new_text=new_text,
             finished=finished,
             finish_reason=seq.finish_reason,
             error=seq.error,
-            logprobs=list(seq.logprobs),
+            logprobs=list(seq.logprobs) if finished else Prefix(seq.logprobs),
         )
 
     def generate(self, prompts: list[str | list[int]],

@@ -3,7 +3,9 @@ RequestOutput (what the engine hands back after a step)."""
 
 from __future__ import annotations
 
+import collections.abc
 import enum
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -94,21 +96,59 @@ class Sequence:
                 f"computed={self.num_computed_tokens})")
 
 
+class Prefix(collections.abc.Sequence):
+    """The first n items of an append-only list, read in place: a step's output shows every
+    token so far without copying them all at every step (which grows with the output)."""
+
+    __slots__ = ("_items", "_n")
+
+    def __init__(self, items: list, n: int | None = None):
+        self._items, self._n = items, len(items) if n is None else n
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            start, stop, step = index.indices(self._n)
+            if step > 0:  # start, stop ≥ 0 here: a plain slice of the list
+                return self._items[start:stop:step]
+            return [self._items[i] for i in range(start, stop, step)]
+        if not -self._n <= index < self._n:
+            raise IndexError("Prefix index out of range")
+        return self._items[index % self._n]
+
+    def __iter__(self):
+        return itertools.islice(self._items, self._n)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, (list, tuple, Prefix)):
+            return NotImplemented
+        return len(other) == self._n and all(a == b for a, b in zip(self, other))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return repr(list(self))
+
+
 @dataclass(slots=True)
 class RequestOutput:
     """One request's progress after a step (also the final result)."""
 
     request_id: str
     num_prompt_tokens: int
-    token_ids: list[int]
-    """All generated tokens so far."""
+    token_ids: collections.abc.Sequence[int]
+    """All generated tokens so far: a `Prefix` of the sequence's tokens while it runs, a list in
+    the final output."""
     new_token_ids: list[int]
     text: str = ""
     new_text: str = ""
     finished: bool = False
     finish_reason: str | None = None
     error: Exception | None = None
-    logprobs: list[dict] = field(default_factory=list)
+    logprobs: collections.abc.Sequence[dict] = field(default_factory=list)
+    """Per output token so far when asked (as `token_ids`: a `Prefix` until the final output)."""
 
 
 def check_deadline(deadline_s: float) -> float:
