@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from loraplex.memory.pool import PagePool, PageUse
@@ -38,6 +39,23 @@ class PageTable:
     """The pages holding one sequence's K/V, in token order."""
 
     pages: list[int] = field(default_factory=list)
+    _array: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int32), repr=False)
+    _num_synced: int = field(default=0, repr=False)
+
+    def row(self) -> np.ndarray:
+        """`pages` as int32, kept in step with the list as it grows (each page converted once;
+        a step's block tables are built from these rows without a Python list per step)."""
+        n = len(self.pages)
+        if n < self._num_synced:  # the list was replaced: start over
+            self._num_synced = 0
+        if n > self._array.shape[0]:
+            grown = np.empty(max(n, 2 * self._array.shape[0], 16), dtype=np.int32)
+            grown[:self._num_synced] = self._array[:self._num_synced]
+            self._array = grown
+        if n > self._num_synced:
+            self._array[self._num_synced:n] = self.pages[self._num_synced:n]
+            self._num_synced = n
+        return self._array[:n]
 
     def num_missing_pages(self, layout: KVLayout, num_tokens: int) -> int:
         """Pages still to allocate so that `num_tokens` tokens fit."""
@@ -52,6 +70,7 @@ class PageTable:
     def release(self, pool: PagePool) -> None:
         pool.free(self.pages)
         self.pages = []
+        self._num_synced = 0
 
     def slot_list(self, layout: KVLayout, start: int, end: int) -> list[int]:
         """Flat `page * page_size + offset` of tokens start..end: where their K/V are written

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 if TYPE_CHECKING:
@@ -76,15 +77,14 @@ def build_batch(scheduled: list[tuple["Sequence", int]], layout: "KVLayout",
     has_lora = has_shira = has_dora = False
     targets: set[str] = set()
     max_pages = max(len(s.page_table.pages) for s, _ in scheduled)
-    table: list[int] = []  # [B * max_pages], rows padded with 0
-    for seq, n in scheduled:
+    table = np.zeros((len(scheduled), max_pages), dtype=np.int32)  # rows padded with 0
+    for i, (seq, n) in enumerate(scheduled):
         start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
         input_ids += seq.token_ids(start, end)
         positions += range(start, end)
         slot_mapping += seq.page_table.slot_list(layout, start, end)
-        pages = seq.page_table.pages
-        table += pages
-        table += [0] * (max_pages - len(pages))
+        row = seq.page_table.row()
+        table[i, :row.shape[0]] = row
         context_lens.append(end)
         starts.append(starts[-1] + n)
         if end == seq.num_tokens:
@@ -99,7 +99,7 @@ def build_batch(scheduled: list[tuple["Sequence", int]], layout: "KVLayout",
         lora_slots += [seq.adapter_slot if is_lora else -1] * n
         shira_slots += [seq.adapter_slot if kind == "shira" else -1] * n
 
-    block_tables = torch.tensor(table, dtype=torch.int32).view(len(scheduled), max_pages)
+    block_tables = torch.from_numpy(table)
     return Batch(
         seq_ids=[s.seq_id for s, _ in scheduled],
         input_ids=torch.tensor(input_ids, dtype=torch.int64),

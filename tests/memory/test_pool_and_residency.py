@@ -75,6 +75,22 @@ def test_page_table_slots_follow_pages():
     assert pool.num_kv_pages == 3
 
 
+def test_page_table_row_follows_pages_as_they_grow_and_after_a_release():
+    """`row()` (what a step's block tables are built from) is the page list as int32, after
+    each growth (past its capacity too) and after a release and a regrowth (a preemption)."""
+    pool = PagePool(200, LAYOUT.page_numel, torch.float32, torch.device("cpu"))
+    pool.allocate(5, PageUse.KV)
+    table = PageTable()
+    assert table.row().tolist() == []
+    for num_tokens in (1, 9, 17, 130, 131, 400, 1000):
+        table.grow(pool, LAYOUT, num_tokens)
+        assert table.row().dtype.name == "int32" and table.row().tolist() == table.pages
+    table.release(pool)
+    assert table.row().tolist() == []
+    table.grow(pool, LAYOUT, 30)
+    assert table.row().tolist() == table.pages and len(table.pages) == 4
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_rows_in_pages_hold_the_adapter(dtype):
     pool, res = make(dtype=dtype)
