@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One device call for the engine's GPU path (issues 4 and 5), stages in order of importance
-# (STAGES picks and orders them; default: kernels engine bf16 bench sweep tuned pack, about 9
-# minutes; under a 600 s limit per device call, run STAGES="kernels engine bf16", then
-# STAGES="bench sweep tuned pack"):
+# (STAGES picks and orders them; default: kernels engine bf16 bench sweep tuned pack; on an H100,
+# 2026-11-26: kernels 175 s, engine 75 s, bf16 20-35 s, bench 40 s, sweep 65 s, tuned 40 s, so
+# the default fits one 600 s device call; the GPU's shipped tuning table, if any, is in force
+# except in the `tuned` stage, which puts the new sweep's table in force instead):
 #   kernels every Triton twin vs its reference at small and Llama-3-8B shapes, fp32/fp16/bf16
 #           (LoRA, DoRA, SHiRA, attention with key splits, fused norm/RoPE/SiLU) → $OUT/kernels.log
 #   engine  fp32 engine tests on the Triton path with CUDA graphs (parity with transformers +
@@ -17,8 +18,8 @@
 #   pack    everything under $OUT in one archive, $OUT/gpu_session.tgz (the device tool brings
 #           back at most 8 files)
 # Run from the repository root:  OUT=gpu_out STAGES="engine bench" bash loadtest/gpu_session.sh
-# (KERNELS_TIMEOUT, LOAD_BUDGET, RATES, LOAD_FLAGS, BENCH_TIMEOUT, SWEEP_TIMEOUT, TUNED_TIMEOUT tune the stages;
-# STAGES="" runs none)
+# (KERNELS_TIMEOUT, LOAD_BUDGET, RATES, LOAD_FLAGS, BENCH_TIMEOUT, SWEEP_TIMEOUT, TUNED_TIMEOUT
+# tune the stages; STAGES="" runs none)
 set -u
 LOAD_BUDGET=${LOAD_BUDGET:-140}
 RATES=${RATES:-4,8,16,32,64}
