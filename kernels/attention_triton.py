@@ -10,13 +10,13 @@ the GPU; a second launch combines the shares. Imports triton; loaded only by `ke
 from __future__ import annotations
 
 import math
-from functools import cache
 
 import torch
 import triton
 import triton.language as tl
 
 from loraplex.kernels.dispatch import memoized
+from loraplex.kernels.lora_triton_common import num_sms
 from loraplex.kernels.tuning import Launch, launch
 
 
@@ -201,13 +201,6 @@ def _query_blocks(query_start_loc: torch.Tensor, num_tokens: int,
 MAX_SPLITS = 16
 
 
-@cache
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
-
-
 def decode_splits(num_seqs: int, num_kv_heads: int, key_capacity: int, block_n: int,
                   device: torch.device) -> int:
     """Key splits for a decode step (flash-decoding): double them while the grid is under
@@ -219,7 +212,7 @@ def decode_splits(num_seqs: int, num_kv_heads: int, key_capacity: int, block_n: 
     """
     programs, splits = num_seqs * num_kv_heads, 1
     per_sm = launch(device).attention_programs_per_sm
-    while (programs * splits < per_sm * _num_sms(device) and splits < MAX_SPLITS
+    while (programs * splits < per_sm * num_sms(device) and splits < MAX_SPLITS
            and 2 * splits * block_n <= key_capacity):
         splits *= 2
     return splits

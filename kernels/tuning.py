@@ -88,12 +88,13 @@ def read_table(path: Path) -> Launch:
 
 
 @functools.cache
-def _launch(kind: str, index: int | None) -> Launch:
+def launch(device: torch.device) -> Launch:
+    """The launch parameters for `device`."""
     named = os.environ.get(ENV)
     if named:  # on any device: the interpreter tests run tables on the CPU
         source = named
-    elif kind == "cuda":
-        source = str(device_file(torch.cuda.get_device_name(index)))
+    elif device.type == "cuda":
+        source = str(device_file(torch.cuda.get_device_name(device)))
         if not Path(source).is_file():
             return Launch()
     else:
@@ -101,11 +102,3 @@ def _launch(kind: str, index: int | None) -> Launch:
     table = read_table(Path(source))
     log.info("kernel launch parameters from %s: %s", source, table.changed())
     return table
-
-
-def launch(device: torch.device) -> Launch:
-    """The launch parameters for `device`."""
-    return _launch(device.type, device.index)
-
-
-launch.cache_clear = _launch.cache_clear  # type: ignore[attr-defined]

@@ -86,9 +86,8 @@ def set_sms(num: int) -> None:
     from loraplex.kernels import attention_triton, lora_triton, lora_triton_common
 
     for module in (attention_triton, lora_triton, lora_triton_common):
-        for name in ("num_sms", "_num_sms"):
-            if hasattr(module, name):
-                setattr(module, name, lambda device, num=num: num)
+        if hasattr(module, "num_sms"):
+            module.num_sms = lambda device, num=num: num
 
 
 def count_step(num_layers: int, setting: str, step: str, batch: int, context: int,

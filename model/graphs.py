@@ -127,6 +127,8 @@ class StepGraphs:
             self._fill_decode(batch, size)
         else:
             self._fill_mixed(batch, size)
+        self._i64.flush()
+        self._i32.flush()
         modules = self._modules(batch) if tables is not None else None
         key = ("decode" if decode else "mixed", size, lora, modules, shira)
         self.num_steps[key[0]] += 1
@@ -172,8 +174,6 @@ class StepGraphs:
     def _fill_decode(self, batch: "Batch", bucket: int) -> None:
         """Decode rows num_seqs..bucket are pads (starts and logits rows: `decode_*`)."""
         self._fill_common(batch, bucket, bucket)
-        self._i64.flush()
-        self._i32.flush()
 
     def _fill_mixed(self, batch: "Batch", num_tokens: int) -> None:
         """Sequence B owns pad tokens T..Tb; sequences past it are empty."""
@@ -182,8 +182,6 @@ class StepGraphs:
         self._i64.put("logits_indices", batch.logits_indices, self.num_seqs, 0)
         if batch.lora_token_slots is not None:
             self._i64.put("seg_slots", batch.lora_sequence_slots(), self.num_seqs, -1)
-        self._i64.flush()
-        self._i32.flush()
 
     def _context(self, decode: bool, size: int, kv_caches: list, pool_flat: torch.Tensor,
                  tables: object | None, lora: bool,

@@ -140,7 +140,7 @@ def test_decode_splits_fill_the_grid_from_shapes_only(num_seqs: int, kv_heads: i
                                                       capacity: int) -> None:
     """The fewest power-of-two splits (≤ 16) that give the tuned programs per SM, each spanning
     at least one key block (64) of the tables' capacity."""
-    target = launch(DEVICE).attention_programs_per_sm * attn_t._num_sms(DEVICE)
+    target = launch(DEVICE).attention_programs_per_sm * attn_t.num_sms(DEVICE)
     splits = attn_t.decode_splits(num_seqs, kv_heads, capacity, 64, DEVICE)
     assert splits in (1, 2, 4, 8, 16) and splits * 64 <= max(capacity, 64)
     programs = num_seqs * kv_heads
